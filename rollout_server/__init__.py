@@ -1,0 +1,1 @@
+"""The rollout server: a FastAPI service over one in-process vLLM engine."""

@@ -1,0 +1,170 @@
+"""The engine interface the service drives, and its vLLM implementation.
+
+`RolloutEngine` is the seam: `VllmEngine` is the real thing; unit tests of the HTTP layer put a
+fake with the same methods behind the same service.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+from shared.config import ServerConfig
+from shared.schemas import Completion, RolloutRequest
+
+
+@dataclass(frozen=True)
+class LoraHandle:
+    """One loaded adapter version as the engine knows it: vLLM keys adapters by `int_id`."""
+
+    name: str
+    int_id: int
+    path: str
+
+
+class RolloutEngine(Protocol):
+    """What the service needs from an inference engine."""
+
+    device: str
+    """'cuda' or 'cpu': whether sleeping can release memory."""
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a prompt text (no special tokens added, no chat template)."""
+        ...
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        request: RolloutRequest,
+        seed: int | None,
+        lora: LoraHandle | None,
+        request_id: str,
+    ) -> list[Completion]:
+        """Exactly `request.n` completions of one prompt."""
+        ...
+
+    async def add_lora(self, lora: LoraHandle) -> None:
+        """Load an adapter version; raises if the engine refuses it."""
+        ...
+
+    async def remove_lora(self, int_id: int) -> None:
+        """Drop an adapter version no request uses any more."""
+        ...
+
+    async def sleep(self, level: int) -> None:
+        """Release device memory (level 1: offload weights; level 2: discard them)."""
+        ...
+
+    async def wake_up(self, level: int) -> None:
+        """Undo `sleep(level)`; after level 2 the weights are reloaded from disk."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop the engine and its processes."""
+        ...
+
+
+class VllmEngine:
+    """`RolloutEngine` over vLLM's in-process `AsyncLLM` with LoRA enabled."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        # vLLM is imported here, not at module import: the fake-engine tests and `--help` must not
+        # pay for (or need) it.
+        import torch
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            # Tiny models need little KV cache; vLLM's CPU default (4 GiB) is wasteful here.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        args = AsyncEngineArgs(
+            model=cfg.model,
+            enable_lora=True,
+            max_lora_rank=cfg.max_lora_rank,
+            max_loras=cfg.max_loras,
+            max_model_len=cfg.max_model_len,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            # The learner compares its logprobs (at the sampling temperature) with these.
+            logprobs_mode="processed_logprobs",
+            enable_sleep_mode=cfg.enable_sleep_mode and self.device == "cuda",
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._tokenizer = self._llm.get_tokenizer()
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        request: RolloutRequest,
+        seed: int | None,
+        lora: LoraHandle | None,
+        request_id: str,
+    ) -> list[Completion]:
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=request.n,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=seed,
+            stop=request.stop or None,
+            logprobs=0,  # the sampled token's logprob at every position
+            # The default streaming kind can end with fewer than n completions (measured: 6 of 8).
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        lora_request = LoRARequest(lora.name, lora.int_id, lora.path) if lora else None
+        final = None
+        async for output in self._llm.generate(
+            TokensPrompt(prompt_token_ids=prompt_token_ids),
+            params,
+            request_id,
+            lora_request=lora_request,
+        ):
+            final = output
+        assert final is not None and len(final.outputs) == request.n, "vLLM lost completions"
+        return [
+            Completion(
+                text=out.text,
+                token_ids=list(out.token_ids),
+                logprobs=[
+                    step[tok].logprob
+                    for tok, step in zip(out.token_ids, out.logprobs or [], strict=True)
+                ],
+                finish_reason=out.finish_reason,
+            )
+            for out in sorted(final.outputs, key=lambda o: o.index)
+        ]
+
+    async def add_lora(self, lora: LoraHandle) -> None:
+        from vllm.lora.request import LoRARequest
+
+        if not await self._llm.add_lora(LoRARequest(lora.name, lora.int_id, lora.path)):
+            raise RuntimeError(f"vLLM refused adapter {lora.name!r} at {lora.path}")
+
+    async def remove_lora(self, int_id: int) -> None:
+        await self._llm.remove_lora(int_id)
+
+    async def sleep(self, level: int) -> None:
+        # On CPU vLLM logs "sleep mode is not supported on CPU, ignore it." and releases nothing;
+        # the service still keeps the state machine, so calling it is harmless.
+        await self._llm.sleep(level)
+
+    async def wake_up(self, level: int) -> None:
+        await self._llm.wake_up()
+        if level == 2 and self.device == "cuda":
+            # Level 2 discarded the weights; bring them back from the model directory.
+            await self._llm.collective_rpc("reload_weights")
+        await self._llm.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

@@ -1,0 +1,289 @@
+"""The server's state: adapters and their versions, the sleep state machine, recorded samples.
+
+Routes call this; this calls the engine. Everything here runs on the event loop, so a check
+followed by a state change with no `await` between them is atomic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge, Histogram
+
+from rollout_server.adapters import resolve_adapter_dir, validate_adapter_dir
+from rollout_server.engine import LoraHandle, RolloutEngine
+from rollout_server.samples import SampleStore
+from shared.config import ServerConfig
+from shared.errors import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    InvalidRequestError,
+    ServerAsleepError,
+)
+from shared.schemas import (
+    AdapterInfo,
+    LoadLoraAdapterRequest,
+    ModelCard,
+    PromptRollout,
+    RolloutRequest,
+    RolloutResponse,
+    SampleRecord,
+    SleepState,
+)
+
+
+@dataclass(frozen=True)
+class _Served:
+    handle: LoraHandle
+    version: int
+    loaded_at: datetime
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = PromCounter(
+            "rollout_requests", "Rollout requests by outcome", ["outcome"], registry=self.registry
+        )
+        self.completions = PromCounter(
+            "rollout_completions", "Completions generated", registry=self.registry
+        )
+        self.tokens = PromCounter(
+            "rollout_generated_tokens", "Completion tokens generated", registry=self.registry
+        )
+        self.latency = Histogram(
+            "rollout_latency_seconds", "Rollout request latency", registry=self.registry
+        )
+        self.sleeping = Gauge(
+            "rollout_sleeping", "1 while the server sleeps", registry=self.registry
+        )
+        self.adapter_version = Gauge(
+            "rollout_adapter_version", "Serving version", ["lora_name"], registry=self.registry
+        )
+
+
+class RolloutService:
+    """Serves rollouts from the base model or a named adapter version, and sleeps on request."""
+
+    def __init__(self, cfg: ServerConfig, engine: RolloutEngine) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.samples = SampleStore(cfg.samples_capacity, cfg.samples_path)
+        self.metrics = _Metrics()
+        self._base_config = json.loads((Path(cfg.model) / "config.json").read_text())
+        self._adapters: dict[str, _Served] = {}
+        self._versions: Counter[str] = Counter()  # never reset, so versions only grow per name
+        self._next_int_id = 1
+        self._users: Counter[int] = Counter()  # in-flight requests per adapter int_id
+        self._retired: set[int] = set()  # replaced versions to drop once no request uses them
+        self._sleep_level: int | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._lock = asyncio.Lock()  # one load/unload/sleep/wake at a time
+
+    # --- rollouts -----------------------------------------------------------------------------
+
+    async def rollout(self, request: RolloutRequest) -> RolloutResponse:
+        """K completions per prompt from the requested adapter's current version."""
+        self._check_bounds(request)
+        if self._sleep_level is not None:
+            self.metrics.requests.labels("asleep").inc()
+            raise ServerAsleepError(
+                "the server is asleep (POST /wake_up first); no rollout was generated"
+            )
+        served = self._served(request.adapter) if request.adapter else None
+        prompt_ids = request.prompt_token_ids or [
+            self.engine.tokenize(p) for p in request.prompts or []
+        ]
+        for i, ids in enumerate(prompt_ids):
+            if len(ids) + request.max_tokens > self.cfg.max_model_len:
+                raise InvalidRequestError(
+                    f"prompt {i} has {len(ids)} tokens; with max_tokens={request.max_tokens} it exceeds "
+                    f"max_model_len={self.cfg.max_model_len}"
+                )
+        handle = served.handle if served else None
+        rollout_id = uuid.uuid4().hex
+        start = time.perf_counter()
+        self._acquire(handle)
+        try:
+            completions = await asyncio.gather(
+                *(
+                    self.engine.generate(
+                        ids,
+                        request,
+                        None if request.seed is None else request.seed + i,
+                        handle,
+                        f"{rollout_id}-{i}",
+                    )
+                    for i, ids in enumerate(prompt_ids)
+                )
+            )
+        finally:
+            await self._release(handle)
+        prompts = request.prompts or [None] * len(prompt_ids)
+        results = [
+            PromptRollout(prompt=p, prompt_token_ids=ids, completions=c)
+            for p, ids, c in zip(prompts, prompt_ids, completions, strict=True)
+        ]
+        response = RolloutResponse(
+            rollout_id=rollout_id,
+            adapter=request.adapter,
+            policy_version=served.version if served else 0,
+            results=results,
+            created_at=datetime.now(UTC),
+        )
+        self.samples.add(SampleRecord(**response.model_dump()))
+        self.metrics.requests.labels("ok").inc()
+        self.metrics.latency.observe(time.perf_counter() - start)
+        self.metrics.completions.inc(sum(len(r.completions) for r in results))
+        self.metrics.tokens.inc(sum(len(c.token_ids) for r in results for c in r.completions))
+        return response
+
+    def _check_bounds(self, request: RolloutRequest) -> None:
+        cfg = self.cfg
+        if request.n > cfg.max_n:
+            raise InvalidRequestError(f"n={request.n} exceeds the server's max_n={cfg.max_n}")
+        if request.max_tokens > cfg.max_tokens:
+            raise InvalidRequestError(
+                f"max_tokens={request.max_tokens} exceeds the server's max_tokens={cfg.max_tokens}"
+            )
+        if request.num_prompts == 0:
+            raise InvalidRequestError("the request holds no prompt")
+        if request.num_prompts > cfg.max_prompts:
+            raise InvalidRequestError(
+                f"{request.num_prompts} prompts exceed the server's max_prompts={cfg.max_prompts}"
+            )
+        for i, prompt in enumerate(request.prompts or []):
+            if len(prompt) > cfg.max_prompt_chars:
+                raise InvalidRequestError(
+                    f"prompt {i} has {len(prompt)} characters, more than max_prompt_chars={cfg.max_prompt_chars}"
+                )
+
+    def _acquire(self, handle: LoraHandle | None) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+        if handle:
+            self._users[handle.int_id] += 1
+
+    async def _release(self, handle: LoraHandle | None) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+        if handle:
+            self._users[handle.int_id] -= 1
+            await self._drop_if_unused(handle.int_id)
+
+    # --- adapters -----------------------------------------------------------------------------
+
+    def _served(self, name: str) -> _Served:
+        served = self._adapters.get(name)
+        if served is None:
+            raise AdapterNotFoundError(
+                f"no adapter named {name!r} is loaded (GET /v1/models lists them)"
+            )
+        return served
+
+    async def load_adapter(self, request: LoadLoraAdapterRequest) -> AdapterInfo:
+        """Load `lora_path` as the next version of `lora_name`; the old version serves on failure.
+
+        Requests already running keep the version they started with; the old version is removed
+        from the engine once the last of them finishes.
+        """
+        path = resolve_adapter_dir(self.cfg.adapter_root, request.lora_path)
+        validate_adapter_dir(path, base_config=self._base_config, max_rank=self.cfg.max_lora_rank)
+        async with self._lock:
+            if self._sleep_level is not None:
+                raise ServerAsleepError(
+                    "the server is asleep (POST /wake_up first); no adapter was loaded"
+                )
+            handle = LoraHandle(request.lora_name, self._next_int_id, str(path))
+            self._next_int_id += 1
+            try:
+                await self.engine.add_lora(handle)
+            except Exception as e:  # the engine's own refusal: report it, keep the old version
+                raise AdapterLoadError(f"the engine refused {path}: {e}") from e
+            old = self._adapters.get(request.lora_name)
+            self._versions[request.lora_name] += 1
+            served = _Served(handle, self._versions[request.lora_name], datetime.now(UTC))
+            self._adapters[request.lora_name] = served
+            if old:
+                self._retired.add(old.handle.int_id)
+                await self._drop_if_unused(old.handle.int_id)
+        self.metrics.adapter_version.labels(request.lora_name).set(served.version)
+        return AdapterInfo(
+            lora_name=handle.name,
+            version=served.version,
+            lora_path=handle.path,
+            loaded_at=served.loaded_at,
+        )
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving `name`; running requests finish on it first."""
+        async with self._lock:
+            served = self._served(name)
+            del self._adapters[name]
+            self._retired.add(served.handle.int_id)
+            await self._drop_if_unused(served.handle.int_id)
+        self.metrics.adapter_version.remove(name)
+
+    async def _drop_if_unused(self, int_id: int) -> None:
+        if int_id in self._retired and self._users[int_id] == 0:
+            self._retired.discard(int_id)
+            del self._users[int_id]
+            await self.engine.remove_lora(int_id)
+
+    def models(self) -> list[ModelCard]:
+        """The base model and every served adapter with its version."""
+        cards = [ModelCard(id=self.cfg.model, kind="base", version=0, root=self.cfg.model)]
+        cards += [
+            ModelCard(id=name, kind="lora", version=s.version, root=s.handle.path)
+            for name, s in self._adapters.items()
+        ]
+        return cards
+
+    # --- standby ------------------------------------------------------------------------------
+
+    async def sleep(self, level: int) -> SleepState:
+        """Stop taking rollouts, let running ones finish, then release memory. Idempotent."""
+        async with self._lock:
+            if self._sleep_level is None:
+                self._sleep_level = level  # from here on, rollouts get 503
+                self.metrics.sleeping.set(1)
+                await self._idle.wait()
+                await self.engine.sleep(level)
+        return self.sleep_state()
+
+    async def wake_up(self) -> SleepState:
+        """Restore what sleep released and serve again, with the same adapters. Idempotent."""
+        async with self._lock:
+            if self._sleep_level is not None:
+                await self.engine.wake_up(self._sleep_level)
+                self._sleep_level = None
+                self.metrics.sleeping.set(0)
+        return self.sleep_state()
+
+    def sleep_state(self) -> SleepState:
+        """Whether the server sleeps, at which level, and what that released on this device."""
+        level = self._sleep_level
+        if level is None:
+            released = "nothing (awake)"
+        elif self.engine.device != "cuda":
+            released = (
+                "nothing: vLLM sleep mode needs CUDA, so on CPU the weights and KV cache stay in "
+                "memory; the server only refuses rollouts until /wake_up"
+            )
+        elif level == 1:
+            released = "model weights offloaded to CPU memory; KV cache freed"
+        else:
+            released = "model weights and KV cache discarded; weights reload from disk on /wake_up"
+        return SleepState(is_sleeping=level is not None, level=level, released=released)

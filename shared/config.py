@@ -1,0 +1,178 @@
+"""Typed, validated configuration for both processes.
+
+Defaults live here and nowhere else. Files in `configs/` set any subset of these fields; CLI flags
+override the files. Values derived from these (effective batch, total steps) are computed once by
+the code that needs them and never stored back here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ServerConfig(_Strict):
+    """Settings of `grpo-rollout-server`."""
+
+    model: str
+    """Directory of the base model in Hugging Face format (config.json, safetensors, tokenizer)."""
+    host: str = "127.0.0.1"
+    """Interface to bind. Loopback by default: expose it on purpose, with ROLLOUT_API_KEY set."""
+    port: int = Field(8000, gt=0, le=65535)
+    """TCP port."""
+    adapter_root: Path = Path("adapters")
+    """Only LoRA adapters under this directory may be loaded (no path traversal)."""
+    max_lora_rank: int = Field(16, gt=0)
+    """Largest LoRA rank the engine accepts; adapters of higher rank are refused."""
+    max_loras: int = Field(2, gt=0)
+    """Adapters held on the device at once (old and new version during a swap)."""
+    max_model_len: int = Field(512, gt=0)
+    """Longest prompt + completion in tokens."""
+    gpu_memory_utilization: float = Field(0.35, gt=0, le=1)
+    """Fraction of GPU memory vLLM may take (CUDA only); the learner needs the rest."""
+    enable_sleep_mode: bool = True
+    """Create the engine with vLLM sleep mode (CUDA only; on CPU the state machine still runs)."""
+    dtype: str = "auto"
+    """Weights dtype for vLLM ('auto', 'float32', 'bfloat16', ...)."""
+    seed: int = 0
+    """Engine seed."""
+    max_prompts: int = Field(64, gt=0)
+    """Most prompts in one rollout request."""
+    max_n: int = Field(64, gt=0)
+    """Most completions per prompt."""
+    max_tokens: int = Field(1024, gt=0)
+    """Largest `max_tokens` a request may ask for."""
+    max_prompt_chars: int = Field(32_000, gt=0)
+    """Longest prompt text, in characters."""
+    samples_capacity: int = Field(256, gt=0)
+    """Rollouts kept in memory for GET /v1/samples (oldest dropped first)."""
+    samples_path: Path | None = None
+    """If set, every rollout and score is also appended to this JSONL file."""
+
+
+class SamplingConfig(_Strict):
+    """Sampling parameters the learner sends with every rollout request."""
+
+    n: int = Field(8, ge=1)
+    """K: completions per prompt (the GRPO group size)."""
+    max_tokens: int = Field(64, gt=0)
+    """Longest completion, in tokens."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature; the learner scores logprobs at the same temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling; below 1 the sampler's distribution is truncated (biased ratios)."""
+    top_k: int = Field(-1, ge=-1)
+    """Top-k sampling; -1 disables it."""
+    stop: list[str] = Field(default_factory=list)
+    """Strings that end a completion (not included in it)."""
+    seed: int | None = None
+    """Seed of the first prompt's sampler (prompt i uses seed + i); None draws fresh randomness."""
+
+
+class LoraConfig(_Strict):
+    """LoRA adapter shape (peft)."""
+
+    r: int = Field(8, gt=0)
+    """Rank."""
+    alpha: int = Field(16, gt=0)
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+    """Modules that get an adapter; default all linear projections of Llama/Qwen2 blocks."""
+
+
+class LossConfig(_Strict):
+    """GRPO loss: clipped surrogate, k3 KL to the reference, truncated importance sampling."""
+
+    clip_eps_low: float = Field(0.2, ge=0, lt=1)
+    """Lower clip: the ratio is clipped at 1 - clip_eps_low."""
+    clip_eps_high: float = Field(0.2, ge=0)
+    """Upper clip: the ratio is clipped at 1 + clip_eps_high."""
+    beta: float = Field(0.04, ge=0)
+    """Weight of the k3 KL estimator against the reference (base model, adapter disabled)."""
+    aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    """token_mean: mean over every completion token of the batch (Dr. GRPO, no length bias);
+    sequence_mean: mean per sequence, then over sequences (original GRPO)."""
+    tis_cap: float | None = Field(2.0, gt=0)
+    """Truncated importance sampling cap on exp(old - sampler) per token; None turns it off."""
+
+
+class LearnerConfig(_Strict):
+    """Settings of `grpo-learner`; YAML files in configs/ set any subset, CLI flags override."""
+
+    mode: Literal["unsupervised", "supervised"] = "unsupervised"
+    """unsupervised: rows {"text"}, reward = -mean NLL of the completion; supervised: rows
+    {"prompt", "answer"}, reward from the answer's likelihood (see `reward`)."""
+    data: Path = Path("examples/unsupervised.jsonl")
+    """JSONL training data."""
+    reward: Literal["answer_perplexity", "completion_cross_entropy"] = "answer_perplexity"
+    """Supervised reward: likelihood of the answer after the completion, or token-wise cross
+    entropy of the completion against the answer."""
+    answer_score: Literal["arithmetic", "geometric"] = "arithmetic"
+    """How answer-token NLLs become a reward in [0, 1]: coverage * mean(exp(-nll)) (arithmetic,
+    RLPR) or coverage * exp(-mean nll) = coverage / perplexity (geometric)."""
+    empty_completion_reward: float = -20.0
+    """Unsupervised mode: reward of a completion with no tokens (there is no NLL to average)."""
+    model: str | None = None
+    """Base model directory; None builds the bundled tiny model into output_dir/tiny-model."""
+    server_url: str | None = None
+    """Rollout server URL; None launches a local one as a child process on a free loopback port."""
+    api_key: str | None = None
+    """Bearer token for the server (default: the ROLLOUT_API_KEY environment variable)."""
+    output_dir: Path = Path("runs/grpo")
+    """Where adapter versions, metrics.jsonl and the run's config go."""
+    adapter_name: str = "policy"
+    """Name under which the server serves the trained adapter."""
+    steps: int = Field(10, gt=0)
+    """Optimizer steps (one batch of prompts each)."""
+    prompts_per_step: int = Field(4, gt=0)
+    """Prompts per step; each gets `sampling.n` completions."""
+    micro_batch_size: int = Field(8, gt=0)
+    """Sequences per forward/backward pass; gradients accumulate over the step."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """AdamW learning rate of the LoRA weights."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient-norm clip."""
+    max_prompt_tokens: int = Field(128, gt=0)
+    """Prompts are truncated to their last max_prompt_tokens tokens."""
+    scale_advantages_by_std: bool = True
+    """Divide group-centred rewards by the group's std (off: Dr. GRPO's unscaled form)."""
+    advantage_eps: float = Field(1e-6, gt=0)
+    """Added to the group std before dividing."""
+    logprob_chunk_size: int = Field(1024, gt=0)
+    """Positions per chunk when turning hidden states into log-probabilities."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory in the policy forward pass."""
+    load_in_4bit: bool = True
+    """Load the base in 4-bit NF4 (bitsandbytes; CUDA only, ignored on CPU)."""
+    sleep_server: bool = True
+    """Put the server to sleep while the learner scores and updates (one shared GPU)."""
+    seed: int = 0
+    """Seed of data order, LoRA init and sampling."""
+    sample_every: int = Field(1, ge=0)
+    """Print one sample completion every this many steps (0: never)."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """LoRA shape."""
+    loss: LossConfig = Field(default_factory=LossConfig)
+    """Loss settings."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    """Rollout sampling settings."""

@@ -1,0 +1,60 @@
+"""The project's exception hierarchy.
+
+One base class; each subclass also inherits the standard exception it stands for, so callers
+that only know the stdlib types still catch it.
+"""
+
+
+class GrpoError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(GrpoError, ValueError):
+    """A config file, CLI flag or data file is invalid."""
+
+
+class DataError(ConfigError):
+    """A JSONL data row is invalid; the message names file, line and field."""
+
+    def __init__(self, path: str, line: int, field: str, reason: str) -> None:
+        super().__init__(f"{path}:{line}: field {field!r}: {reason}")
+        self.path, self.line, self.field, self.reason = path, line, field, reason
+
+
+class ServerAsleepError(GrpoError, RuntimeError):
+    """A rollout was requested while the engine sleeps; wake it first (HTTP 503)."""
+
+
+class AdapterLoadError(GrpoError, ValueError):
+    """An adapter could not be loaded; the previous version keeps serving (HTTP 400)."""
+
+
+class AdapterNotFoundError(GrpoError, KeyError):
+    """A request named an adapter the server does not hold (HTTP 404)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class SampleNotFoundError(GrpoError, KeyError):
+    """A score was posted for a rollout id the sample store no longer holds (HTTP 404)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RolloutServerError(GrpoError, RuntimeError):
+    """The rollout server answered an error; carries the status code and its message."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(f"rollout server answered {status_code}: {detail}")
+        self.status_code, self.detail = status_code, detail
+
+
+class StaleAdapterError(GrpoError, RuntimeError):
+    """The server served a policy version other than the one the learner expected."""
+
+
+class InvalidRequestError(GrpoError, ValueError):
+    """A well-formed request the server cannot accept: over a configured bound, or scores
+    shaped unlike their rollout (HTTP 422)."""

@@ -1,0 +1,243 @@
+"""The HTTP layer and the service's bookkeeping, over a fake engine (real vLLM: test_server_integration)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from rollout_server.app import build_app
+from rollout_server.service import RolloutService
+from shared.config import ServerConfig
+from shared.schemas import LoadLoraAdapterRequest, RolloutRequest
+from tests.fakes import FakeEngine, write_base_config, write_fake_adapter
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> ServerConfig:
+    return ServerConfig(
+        model=str(write_base_config(tmp_path / "base")),
+        adapter_root=tmp_path / "adapters",
+        max_lora_rank=8,
+        max_n=16,
+        max_tokens=32,
+        max_prompts=4,
+        max_prompt_chars=100,
+        max_model_len=64,
+        samples_capacity=3,
+        samples_path=tmp_path / "samples.jsonl",
+    )
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def client(cfg: ServerConfig, engine: FakeEngine):
+    with TestClient(build_app(cfg, api_key="", engine_factory=lambda _: engine)) as c:
+        yield c
+
+
+def rollout(client: TestClient, **body) -> dict:
+    r = client.post("/v1/rollouts", json={"prompts": ["hi"], "n": 2, "max_tokens": 3, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_rollout_returns_n_completions_per_prompt_with_base_version(client: TestClient) -> None:
+    body = rollout(client, prompts=["ab", "c"], n=3, seed=10)
+    assert body["adapter"] is None and body["policy_version"] == 0
+    assert [r["prompt_token_ids"] for r in body["results"]] == [[97, 98], [99]]
+    assert [len(r["completions"]) for r in body["results"]] == [3, 3]
+    # prompt i gets seed + i
+    assert [r["completions"][0]["token_ids"][2] for r in body["results"]] == [10, 11]
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"n": 17}, "max_n=16"),  # over the server's bound
+        ({"max_tokens": 33}, "max_tokens=32"),
+        ({"prompts": ["a"] * 5}, "max_prompts=4"),
+        ({"prompts": ["x" * 101]}, "max_prompt_chars=100"),
+        ({"prompts": ["x" * 40], "max_tokens": 30}, "max_model_len=64"),  # 40 + 30 > 64
+        ({"prompts": []}, "no prompt"),
+        ({"prompt_token_ids": [[1]]}, "exactly one"),  # both kinds given
+        ({"n": 0}, "greater than or equal to 1"),  # schema bound
+    ],
+)
+def test_out_of_bounds_requests_get_a_clear_422(
+    client: TestClient, body: dict, needle: str
+) -> None:
+    r = client.post("/v1/rollouts", json={"prompts": ["hi"], "max_tokens": 3, **body})
+    assert r.status_code == 422
+    assert needle in r.text
+
+
+def test_adapter_versions_swap_and_old_version_is_removed(
+    client: TestClient, cfg: ServerConfig, engine: FakeEngine
+) -> None:
+    write_fake_adapter(cfg.adapter_root / "v1")
+    write_fake_adapter(cfg.adapter_root / "v2")
+    r1 = client.post(
+        "/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v1"}
+    ).json()
+    assert r1["version"] == 1
+    assert rollout(client, adapter="policy")["policy_version"] == 1
+    r2 = client.post(
+        "/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v2"}
+    ).json()
+    assert r2["version"] == 2
+    body = rollout(client, adapter="policy")
+    assert body["policy_version"] == 2
+    assert body["results"][0]["completions"][0]["token_ids"][0] == 2  # engine int_id of v2
+    assert engine.removed == [1]  # v1 dropped: nobody used it any more
+    models = client.get("/v1/models").json()["data"]
+    assert [(m["id"], m["kind"], m["version"]) for m in models] == [
+        (cfg.model, "base", 0),
+        ("policy", "lora", 2),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("make", "lora_path", "needle"),
+    [
+        (lambda root: None, "missing", "no such adapter directory"),
+        (lambda root: None, "../base", "outside the adapter root"),
+        (lambda root: write_fake_adapter(root / "big", rank=16), "big", "max_lora_rank=8"),
+        (lambda root: write_fake_adapter(root / "other", hidden=24), "other", "another base model"),
+        (lambda root: write_fake_adapter(root / "pickle", fmt="bin"), "pickle", "only safetensors"),
+    ],
+)
+def test_bad_adapter_is_refused_and_old_one_keeps_serving(
+    client: TestClient, cfg: ServerConfig, make, lora_path: str, needle: str
+) -> None:
+    write_fake_adapter(cfg.adapter_root / "good")
+    make(cfg.adapter_root)
+    assert (
+        client.post(
+            "/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "good"}
+        ).status_code
+        == 200
+    )
+    r = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": lora_path})
+    assert r.status_code == 400 and needle in r.json()["detail"], r.text
+    assert rollout(client, adapter="policy")["policy_version"] == 1
+
+
+def test_unknown_adapter_is_404_and_unload_stops_serving(
+    client: TestClient, cfg: ServerConfig
+) -> None:
+    assert (
+        client.post(
+            "/v1/rollouts", json={"prompts": ["a"], "max_tokens": 3, "adapter": "nope"}
+        ).status_code
+        == 404
+    )
+    write_fake_adapter(cfg.adapter_root / "a")
+    client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "a"})
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "x"}).status_code == 200
+    assert (
+        client.post(
+            "/v1/rollouts", json={"prompts": ["a"], "max_tokens": 3, "adapter": "x"}
+        ).status_code
+        == 404
+    )
+
+
+def test_sleep_refuses_rollouts_with_503_and_is_idempotent(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    assert client.get("/is_sleeping").json()["is_sleeping"] is False
+    for _ in range(2):
+        state = client.post("/sleep?level=1").json()
+        assert state["is_sleeping"] is True and state["level"] == 1
+    assert engine.sleep_calls == [1]  # the second sleep did nothing
+    assert "nothing" in state["released"]  # the fake says it is a CPU engine
+    r = client.post("/v1/rollouts", json={"prompts": ["a"], "max_tokens": 3})
+    assert r.status_code == 503 and "asleep" in r.json()["detail"]
+    assert client.get("/health").json() == {"status": "ok", "is_sleeping": True}
+    for _ in range(2):
+        assert client.post("/wake_up").json()["is_sleeping"] is False
+    rollout(client)
+    assert client.post("/sleep?level=3").status_code == 422
+
+
+def test_api_key_guards_every_route_but_health(cfg: ServerConfig, engine: FakeEngine) -> None:
+    with TestClient(build_app(cfg, api_key="s3cret", engine_factory=lambda _: engine)) as c:
+        assert c.get("/health").status_code == 200
+        for method, path in [
+            ("get", "/v1/models"),
+            ("get", "/v1/samples"),
+            ("get", "/is_sleeping"),
+            ("get", "/metrics"),
+        ]:
+            assert getattr(c, method)(path).status_code == 401
+            assert (
+                getattr(c, method)(path, headers={"Authorization": "Bearer wrong"}).status_code
+                == 401
+            )
+            assert (
+                getattr(c, method)(path, headers={"Authorization": "Bearer s3cret"}).status_code
+                == 200
+            )
+        r = c.post("/v1/rollouts", json={"prompts": ["a"]})
+        assert r.status_code == 401
+
+
+def test_samples_are_recent_first_bounded_scored_and_persisted(
+    client: TestClient, cfg: ServerConfig
+) -> None:
+    ids = [rollout(client, prompts=[f"p{i}"])["rollout_id"] for i in range(4)]
+    samples = client.get("/v1/samples?limit=10").json()["samples"]
+    assert [s["rollout_id"] for s in samples] == ids[::-1][:3]  # capacity 3: the oldest is gone
+    scores = {"rewards": [[0.5, 1.0]], "advantages": [[-1.0, 1.0]], "step": 7}
+    assert client.post(f"/v1/samples/{ids[-1]}/scores", json=scores).status_code == 200
+    assert client.get("/v1/samples?limit=1").json()["samples"][0]["scores"] == scores
+    assert client.post(f"/v1/samples/{ids[0]}/scores", json=scores).status_code == 404  # evicted
+    bad = {"rewards": [[0.5]], "advantages": [[1.0]]}
+    assert client.post(f"/v1/samples/{ids[-1]}/scores", json=bad).status_code == 422
+    events = [json.loads(line)["event"] for line in cfg.samples_path.read_text().splitlines()]
+    assert events == ["rollout"] * 4 + ["scores"]
+
+
+def test_metrics_count_requests_and_tokens(client: TestClient) -> None:
+    rollout(client, prompts=["a", "b"], n=3)
+    text = client.get("/metrics").text
+    assert 'rollout_requests_total{outcome="ok"} 1.0' in text
+    assert "rollout_completions_total 6.0" in text
+    assert "rollout_generated_tokens_total 18.0" in text  # 6 completions x 3 fake tokens
+    assert "rollout_sleeping 0.0" in text
+
+
+def test_in_flight_rollout_finishes_on_old_version_and_sleep_waits_for_it(
+    cfg: ServerConfig,
+) -> None:
+    async def scenario() -> None:
+        engine = FakeEngine()
+        service = RolloutService(cfg, engine)
+        write_fake_adapter(cfg.adapter_root / "v1")
+        write_fake_adapter(cfg.adapter_root / "v2")
+        await service.load_adapter(LoadLoraAdapterRequest(lora_name="p", lora_path="v1"))
+        engine.gate = asyncio.Event()
+        running = asyncio.create_task(
+            service.rollout(RolloutRequest(prompts=["a"], n=1, max_tokens=3, adapter="p"))
+        )
+        await asyncio.sleep(0)
+        await service.load_adapter(LoadLoraAdapterRequest(lora_name="p", lora_path="v2"))
+        assert engine.removed == []  # v1 still in use by the running request
+        sleeping = asyncio.create_task(service.sleep(1))
+        await asyncio.sleep(0)
+        assert engine.sleep_calls == []  # sleep waits for the running request
+        engine.gate.set()
+        old = await running
+        await sleeping
+        assert old.policy_version == 1 and old.results[0].completions[0].token_ids[0] == 1
+        assert engine.removed == [1] and engine.sleep_calls == [1]
+
+    asyncio.run(scenario())
