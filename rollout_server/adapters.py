@@ -42,22 +42,16 @@ def validate_adapter_dir(path: Path, *, base_config: dict, max_rank: int) -> Non
         raise AdapterLoadError(f"{path}: missing {ADAPTER_CONFIG} (not a peft adapter)")
     if not weights_file.is_file():
         found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-        raise AdapterLoadError(
-            f"{path}: missing {ADAPTER_WEIGHTS}; only safetensors adapters are read (found {found})"
-        )
+        raise AdapterLoadError(f"{path}: missing {ADAPTER_WEIGHTS}; only safetensors adapters are read (found {found})")
     try:
         adapter_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise AdapterLoadError(f"{config_file}: invalid JSON ({e})") from e
     if adapter_config.get("peft_type") != "LORA":
-        raise AdapterLoadError(
-            f"{config_file}: peft_type is {adapter_config.get('peft_type')!r}, not 'LORA'"
-        )
+        raise AdapterLoadError(f"{config_file}: peft_type is {adapter_config.get('peft_type')!r}, not 'LORA'")
     rank = adapter_config.get("r")
     if not isinstance(rank, int) or not 0 < rank <= max_rank:
-        raise AdapterLoadError(
-            f"{config_file}: rank r={rank!r} exceeds the server's max_lora_rank={max_rank}"
-        )
+        raise AdapterLoadError(f"{config_file}: rank r={rank!r} exceeds the server's max_lora_rank={max_rank}")
     expected = _projection_shapes(base_config)
     for key, shape in _safetensors_shapes(weights_file).items():
         match = _LORA_KEY.search(key)

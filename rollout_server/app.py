@@ -56,9 +56,7 @@ def build_app(
             engine.shutdown()
 
     app = FastAPI(title="GRPO rollout server", version="0.1.0", lifespan=lifespan)
-    app.state.api_key = (
-        api_key if api_key is not None else os.environ.get("ROLLOUT_API_KEY")
-    ) or None
+    app.state.api_key = (api_key if api_key is not None else os.environ.get("ROLLOUT_API_KEY")) or None
     app.include_router(public)
     app.include_router(router)
 

@@ -21,18 +21,12 @@ def main(argv: list[str] | None = None) -> None:
         ),
     )
     add_model_flags(parser, ServerConfig)
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     if "model" not in vars(args):
-        parser.error(
-            "--model DIR is required (a Hugging Face model directory; `grpo-tiny-model DIR` builds one)"
-        )
+        parser.error("--model DIR is required (a Hugging Face model directory; `grpo-tiny-model DIR` builds one)")
     cfg = ServerConfig(**given_overrides(args, ServerConfig))
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shared.config import ServerConfig
+from shared.errors import InvalidRequestError
 from shared.schemas import Completion, RolloutRequest
 
 
@@ -107,21 +108,25 @@ class VllmEngine:
         request_id: str,
     ) -> list[Completion]:
         from vllm import SamplingParams, TokensPrompt
+        from vllm.exceptions import VLLMValidationError
         from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            n=request.n,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            seed=seed,
-            stop=request.stop or None,
-            logprobs=0,  # the sampled token's logprob at every position
-            # The default streaming kind can end with fewer than n completions (measured: 6 of 8).
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
+        try:
+            params = SamplingParams(
+                n=request.n,
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                seed=seed,
+                stop=request.stop or None,
+                logprobs=0,  # the sampled token's logprob at every position
+                # The default streaming kind can end with fewer than n completions (measured: 6 of 8).
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+        except VLLMValidationError as e:
+            raise InvalidRequestError(str(e)) from e
         lora_request = LoRARequest(lora.name, lora.int_id, lora.path) if lora else None
         final = None
         async for output in self._llm.generate(
@@ -136,10 +141,7 @@ class VllmEngine:
             Completion(
                 text=out.text,
                 token_ids=list(out.token_ids),
-                logprobs=[
-                    step[tok].logprob
-                    for tok, step in zip(out.token_ids, out.logprobs or [], strict=True)
-                ],
+                logprobs=[step[tok].logprob for tok, step in zip(out.token_ids, out.logprobs or [], strict=True)],
                 finish_reason=out.finish_reason,
             )
             for out in sorted(final.outputs, key=lambda o: o.index)

@@ -32,18 +32,14 @@ def get_service(request: Request) -> RolloutService:
 ServiceDep = Annotated[RolloutService, Depends(get_service)]
 
 
-def require_api_key(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> None:
+def require_api_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
     """With an API key configured, demand `Authorization: Bearer <key>`."""
     expected: str | None = request.app.state.api_key
     if expected is None:
         return
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
-        raise HTTPException(
-            401, "missing or wrong API key (send 'Authorization: Bearer <ROLLOUT_API_KEY>')"
-        )
+        raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer <ROLLOUT_API_KEY>')")
 
 
 public = APIRouter()
@@ -66,9 +62,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, service: ServiceDep) -
 
 
 @router.post("/v1/unload_lora_adapter")
-async def unload_lora_adapter(
-    body: UnloadLoraAdapterRequest, service: ServiceDep
-) -> dict[str, str]:
+async def unload_lora_adapter(body: UnloadLoraAdapterRequest, service: ServiceDep) -> dict[str, str]:
     await service.unload_adapter(body.lora_name)
     return {"unloaded": body.lora_name}
 

@@ -34,13 +34,9 @@ class SampleStore:
             raise SampleNotFoundError(f"no recorded rollout {rollout_id!r} (evicted or never made)")
         shape = [len(r.completions) for r in record.results]
         if [len(row) for row in scores.rewards] != shape:
-            raise InvalidRequestError(
-                f"scores are shaped {[len(r) for r in scores.rewards]}, the rollout is {shape}"
-            )
+            raise InvalidRequestError(f"scores are shaped {[len(r) for r in scores.rewards]}, the rollout is {shape}")
         record.scores = scores
-        self._append(
-            {"event": "scores", "rollout_id": rollout_id, **scores.model_dump(mode="json")}
-        )
+        self._append({"event": "scores", "rollout_id": rollout_id, **scores.model_dump(mode="json")})
         return record
 
     def recent(self, limit: int, adapter: str | None = None) -> list[SampleRecord]:

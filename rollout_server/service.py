@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
-from prometheus_client import Gauge, Histogram
 
 from rollout_server.adapters import resolve_adapter_dir, validate_adapter_dir
 from rollout_server.engine import LoraHandle, RolloutEngine
@@ -54,18 +53,10 @@ class _Metrics:
         self.requests = PromCounter(
             "rollout_requests", "Rollout requests by outcome", ["outcome"], registry=self.registry
         )
-        self.completions = PromCounter(
-            "rollout_completions", "Completions generated", registry=self.registry
-        )
-        self.tokens = PromCounter(
-            "rollout_generated_tokens", "Completion tokens generated", registry=self.registry
-        )
-        self.latency = Histogram(
-            "rollout_latency_seconds", "Rollout request latency", registry=self.registry
-        )
-        self.sleeping = Gauge(
-            "rollout_sleeping", "1 while the server sleeps", registry=self.registry
-        )
+        self.completions = PromCounter("rollout_completions", "Completions generated", registry=self.registry)
+        self.tokens = PromCounter("rollout_generated_tokens", "Completion tokens generated", registry=self.registry)
+        self.latency = Histogram("rollout_latency_seconds", "Rollout request latency", registry=self.registry)
+        self.sleeping = Gauge("rollout_sleeping", "1 while the server sleeps", registry=self.registry)
         self.adapter_version = Gauge(
             "rollout_adapter_version", "Serving version", ["lora_name"], registry=self.registry
         )
@@ -98,13 +89,9 @@ class RolloutService:
         self._check_bounds(request)
         if self._sleep_level is not None:
             self.metrics.requests.labels("asleep").inc()
-            raise ServerAsleepError(
-                "the server is asleep (POST /wake_up first); no rollout was generated"
-            )
+            raise ServerAsleepError("the server is asleep (POST /wake_up first); no rollout was generated")
         served = self._served(request.adapter) if request.adapter else None
-        prompt_ids = request.prompt_token_ids or [
-            self.engine.tokenize(p) for p in request.prompts or []
-        ]
+        prompt_ids = request.prompt_token_ids or [self.engine.tokenize(p) for p in request.prompts or []]
         for i, ids in enumerate(prompt_ids):
             if len(ids) + request.max_tokens > self.cfg.max_model_len:
                 raise InvalidRequestError(
@@ -188,9 +175,7 @@ class RolloutService:
     def _served(self, name: str) -> _Served:
         served = self._adapters.get(name)
         if served is None:
-            raise AdapterNotFoundError(
-                f"no adapter named {name!r} is loaded (GET /v1/models lists them)"
-            )
+            raise AdapterNotFoundError(f"no adapter named {name!r} is loaded (GET /v1/models lists them)")
         return served
 
     async def load_adapter(self, request: LoadLoraAdapterRequest) -> AdapterInfo:
@@ -203,9 +188,7 @@ class RolloutService:
         validate_adapter_dir(path, base_config=self._base_config, max_rank=self.cfg.max_lora_rank)
         async with self._lock:
             if self._sleep_level is not None:
-                raise ServerAsleepError(
-                    "the server is asleep (POST /wake_up first); no adapter was loaded"
-                )
+                raise ServerAsleepError("the server is asleep (POST /wake_up first); no adapter was loaded")
             handle = LoraHandle(request.lora_name, self._next_int_id, str(path))
             self._next_int_id += 1
             try:
@@ -246,8 +229,7 @@ class RolloutService:
         """The base model and every served adapter with its version."""
         cards = [ModelCard(id=self.cfg.model, kind="base", version=0, root=self.cfg.model)]
         cards += [
-            ModelCard(id=name, kind="lora", version=s.version, root=s.handle.path)
-            for name, s in self._adapters.items()
+            ModelCard(id=name, kind="lora", version=s.version, root=s.handle.path) for name, s in self._adapters.items()
         ]
         return cards
 

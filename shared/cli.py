@@ -16,9 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel
 
 
-def add_model_flags(
-    parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str = ""
-) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str = "") -> None:
     """Add one `--flag` per (nested) field of `model`, defaulting to 'not given'."""
     group = parser.add_argument_group(prefix.rstrip(".") or model.__name__) if prefix else parser
     for name, field in model.model_fields.items():
@@ -28,23 +26,15 @@ def add_model_flags(
             add_model_flags(parser, annotation, dest + ".")
             continue
         flag = "--" + dest.replace(".", "-").replace("_", "-")
-        default = (
-            "required"
-            if field.is_required()
-            else f"default: {field.get_default(call_default_factory=True)!r}"
-        )
+        default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
         help_text = f"{field.description or ''} ({default})".replace("%", "%%")
         kind, choices = _scalar(annotation)
         if kind is bool:
-            parser_ = group.add_argument(
-                flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text
-            )
+            parser_ = group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
         elif kind is list:
             parser_ = group.add_argument(flag, dest=dest, nargs="*", metavar="ITEM", help=help_text)
         else:
-            parser_ = group.add_argument(
-                flag, dest=dest, type=kind, choices=choices, help=help_text
-            )
+            parser_ = group.add_argument(flag, dest=dest, type=kind, choices=choices, help=help_text)
         parser_.default = argparse.SUPPRESS
 
 

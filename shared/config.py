@@ -63,7 +63,7 @@ class SamplingConfig(_Strict):
     """K: completions per prompt (the GRPO group size)."""
     max_tokens: int = Field(64, gt=0)
     """Longest completion, in tokens."""
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
     """Sampling temperature; the learner scores logprobs at the same temperature."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling; below 1 the sampler's distribution is truncated (biased ratios)."""

@@ -48,6 +48,8 @@ class RolloutRequest(_Wire):
             raise ValueError("give exactly one of 'prompts' and 'prompt_token_ids'")
         if self.prompt_token_ids is not None and any(not ids for ids in self.prompt_token_ids):
             raise ValueError("'prompt_token_ids' holds an empty prompt")
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError("temperature 0 is greedy decoding: all n completions would be equal; use n=1")
         return self
 
     @property
@@ -159,9 +161,7 @@ class SampleScores(_Wire):
     @model_validator(mode="after")
     def _same_shape(self) -> SampleScores:
         if [len(r) for r in self.rewards] != [len(a) for a in self.advantages]:
-            raise ValueError(
-                "'rewards' and 'advantages' must have the same [prompt][completion] shape"
-            )
+            raise ValueError("'rewards' and 'advantages' must have the same [prompt][completion] shape")
         return self
 
 

@@ -10,8 +10,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
 import torch
+from safetensors.torch import save_file
 
 from rollout_server.engine import LoraHandle
 from shared.schemas import Completion, RolloutRequest
@@ -83,14 +83,10 @@ def write_base_config(model_dir: Path) -> Path:
     return model_dir
 
 
-def write_fake_adapter(
-    path: Path, *, rank: int = 4, hidden: int = 16, fmt: str = "safetensors"
-) -> Path:
+def write_fake_adapter(path: Path, *, rank: int = 4, hidden: int = 16, fmt: str = "safetensors") -> Path:
     """A peft-shaped LoRA for q_proj of BASE_CONFIG (or of another hidden size: a wrong base)."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 8})
-    )
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 8}))
     tensors = {
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(rank, hidden),
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(hidden, rank),

@@ -71,9 +71,7 @@ def test_rollout_returns_n_completions_per_prompt_with_base_version(client: Test
         ({"n": 0}, "greater than or equal to 1"),  # schema bound
     ],
 )
-def test_out_of_bounds_requests_get_a_clear_422(
-    client: TestClient, body: dict, needle: str
-) -> None:
+def test_out_of_bounds_requests_get_a_clear_422(client: TestClient, body: dict, needle: str) -> None:
     r = client.post("/v1/rollouts", json={"prompts": ["hi"], "max_tokens": 3, **body})
     assert r.status_code == 422
     assert needle in r.text
@@ -84,14 +82,10 @@ def test_adapter_versions_swap_and_old_version_is_removed(
 ) -> None:
     write_fake_adapter(cfg.adapter_root / "v1")
     write_fake_adapter(cfg.adapter_root / "v2")
-    r1 = client.post(
-        "/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v1"}
-    ).json()
+    r1 = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v1"}).json()
     assert r1["version"] == 1
     assert rollout(client, adapter="policy")["policy_version"] == 1
-    r2 = client.post(
-        "/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v2"}
-    ).json()
+    r2 = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v2"}).json()
     assert r2["version"] == 2
     body = rollout(client, adapter="policy")
     assert body["policy_version"] == 2
@@ -119,40 +113,21 @@ def test_bad_adapter_is_refused_and_old_one_keeps_serving(
 ) -> None:
     write_fake_adapter(cfg.adapter_root / "good")
     make(cfg.adapter_root)
-    assert (
-        client.post(
-            "/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "good"}
-        ).status_code
-        == 200
-    )
+    assert client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "good"}).status_code == 200
     r = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": lora_path})
     assert r.status_code == 400 and needle in r.json()["detail"], r.text
     assert rollout(client, adapter="policy")["policy_version"] == 1
 
 
-def test_unknown_adapter_is_404_and_unload_stops_serving(
-    client: TestClient, cfg: ServerConfig
-) -> None:
-    assert (
-        client.post(
-            "/v1/rollouts", json={"prompts": ["a"], "max_tokens": 3, "adapter": "nope"}
-        ).status_code
-        == 404
-    )
+def test_unknown_adapter_is_404_and_unload_stops_serving(client: TestClient, cfg: ServerConfig) -> None:
+    assert client.post("/v1/rollouts", json={"prompts": ["a"], "max_tokens": 3, "adapter": "nope"}).status_code == 404
     write_fake_adapter(cfg.adapter_root / "a")
     client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "a"})
     assert client.post("/v1/unload_lora_adapter", json={"lora_name": "x"}).status_code == 200
-    assert (
-        client.post(
-            "/v1/rollouts", json={"prompts": ["a"], "max_tokens": 3, "adapter": "x"}
-        ).status_code
-        == 404
-    )
+    assert client.post("/v1/rollouts", json={"prompts": ["a"], "max_tokens": 3, "adapter": "x"}).status_code == 404
 
 
-def test_sleep_refuses_rollouts_with_503_and_is_idempotent(
-    client: TestClient, engine: FakeEngine
-) -> None:
+def test_sleep_refuses_rollouts_with_503_and_is_idempotent(client: TestClient, engine: FakeEngine) -> None:
     assert client.get("/is_sleeping").json()["is_sleeping"] is False
     for _ in range(2):
         state = client.post("/sleep?level=1").json()
@@ -178,21 +153,13 @@ def test_api_key_guards_every_route_but_health(cfg: ServerConfig, engine: FakeEn
             ("get", "/metrics"),
         ]:
             assert getattr(c, method)(path).status_code == 401
-            assert (
-                getattr(c, method)(path, headers={"Authorization": "Bearer wrong"}).status_code
-                == 401
-            )
-            assert (
-                getattr(c, method)(path, headers={"Authorization": "Bearer s3cret"}).status_code
-                == 200
-            )
+            assert getattr(c, method)(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert getattr(c, method)(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         r = c.post("/v1/rollouts", json={"prompts": ["a"]})
         assert r.status_code == 401
 
 
-def test_samples_are_recent_first_bounded_scored_and_persisted(
-    client: TestClient, cfg: ServerConfig
-) -> None:
+def test_samples_are_recent_first_bounded_scored_and_persisted(client: TestClient, cfg: ServerConfig) -> None:
     ids = [rollout(client, prompts=[f"p{i}"])["rollout_id"] for i in range(4)]
     samples = client.get("/v1/samples?limit=10").json()["samples"]
     assert [s["rollout_id"] for s in samples] == ids[::-1][:3]  # capacity 3: the oldest is gone
@@ -225,9 +192,7 @@ def test_in_flight_rollout_finishes_on_old_version_and_sleep_waits_for_it(
         write_fake_adapter(cfg.adapter_root / "v2")
         await service.load_adapter(LoadLoraAdapterRequest(lora_name="p", lora_path="v1"))
         engine.gate = asyncio.Event()
-        running = asyncio.create_task(
-            service.rollout(RolloutRequest(prompts=["a"], n=1, max_tokens=3, adapter="p"))
-        )
+        running = asyncio.create_task(service.rollout(RolloutRequest(prompts=["a"], n=1, max_tokens=3, adapter="p")))
         await asyncio.sleep(0)
         await service.load_adapter(LoadLoraAdapterRequest(lora_name="p", lora_path="v2"))
         assert engine.removed == []  # v1 still in use by the running request

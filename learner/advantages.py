@@ -1,0 +1,49 @@
+"""Group-relative advantages: each completion's reward against the other completions of its prompt.
+
+Pure tensor functions (no model, no I/O). Shapes: P prompts, G completions per prompt.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def group_normalize(rewards_P_G: Tensor, *, eps: float, scale_by_std: bool) -> Tensor:
+    """Centre each group's rewards on the group mean and, optionally, divide by the group std.
+
+    A = (R - mean_group) / (std_group + eps), with the population std (correction=0), so a group of
+    one sample gets std 0 and advantage 0, never NaN. With `scale_by_std=False` (Dr. GRPO),
+    A = R - mean_group. A group whose rewards are all exactly equal gets exactly zero advantage.
+
+    Args:
+        rewards_P_G: Float rewards, one row per prompt. P may be 0.
+        eps: Added to the group std before dividing.
+        scale_by_std: Divide by the group std (GRPO) or only centre (Dr. GRPO).
+
+    Returns:
+        advantages_P_G, same shape and dtype as the rewards.
+    """
+    assert rewards_P_G.dim() == 2, f"rewards must be [P, G], got {tuple(rewards_P_G.shape)}"
+    assert rewards_P_G.is_floating_point(), f"rewards must be float, got {rewards_P_G.dtype}"
+    # Rewards are P*G scalars, so float64 is free. Subtracting each group's first reward first
+    # cancels a large common offset exactly (Sterbenz) before the mean is rounded; mean and std are
+    # shift-invariant, and an all-equal group becomes exact zeros, hence exactly zero advantage.
+    shifted_P_G = rewards_P_G.double() - rewards_P_G[:, :1].double()
+    advantages_P_G = shifted_P_G - shifted_P_G.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        std_P_1 = advantages_P_G.square().mean(dim=1, keepdim=True).sqrt()  # population std
+        advantages_P_G = advantages_P_G / (std_P_1 + eps)
+    return advantages_P_G.to(rewards_P_G.dtype)
+
+
+def zero_variance_groups(rewards_P_G: Tensor) -> int:
+    """Count the groups whose rewards are all exactly equal (they carry no learning signal).
+
+    Args:
+        rewards_P_G: Rewards, one row per prompt.
+
+    Returns:
+        The number of such rows.
+    """
+    assert rewards_P_G.dim() == 2, f"rewards must be [P, G], got {tuple(rewards_P_G.shape)}"
+    return int((rewards_P_G == rewards_P_G[:, :1]).all(dim=1).sum())

