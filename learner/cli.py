@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-def train(cfg: LearnerConfig) -> Path:
+def train(cfg: LearnerConfig) -> Path | None:
     """Run `cfg`; returns the last adapter directory."""
     rows = load_rows(cfg.data, cfg.mode)  # bad data stops here, before any model is loaded
     log.info("%d %s rows from %s", len(rows), cfg.mode, cfg.data)
@@ -91,6 +91,7 @@ def train(cfg: LearnerConfig) -> Path:
 
     from learner import loop
     from learner.local_server import local_rollout_server
+    from learner.model import load_policy
     from learner.rollout_client import RolloutClient
 
     with ExitStack() as stack:
@@ -101,7 +102,8 @@ def train(cfg: LearnerConfig) -> Path:
             url = stack.enter_context(local_rollout_server(model_dir, cfg.output_dir / "adapters", log_path=server_log))
         client = RolloutClient(url, api_key=cfg.api_key or os.environ.get("ROLLOUT_API_KEY"))
         stack.callback(client.close)
-        last = loop.run(cfg, rows, model_dir, client)
+        policy, tokenizer = load_policy(model_dir, cfg)
+        last = loop.run(cfg, rows, policy, tokenizer, client)
     log.info("done: last adapter %s; metrics in %s", last, cfg.output_dir / "metrics.jsonl")
     return last
 

@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from learner import scoring
 from learner.advantages import group_normalize, zero_variance_groups
-from learner.model import load_policy, next_version, save_adapter
+from learner.model import next_version, save_adapter
 from learner.prompts import PromptEncoder, PromptSampler, Row
 from learner.rollout_client import RolloutClient
 from learner.run_log import RunLog
@@ -19,9 +20,8 @@ from shared.errors import StaleAdapterError
 from shared.schemas import SampleScores
 
 
-def run(cfg: LearnerConfig, rows: list[Row], model_dir: str, client: RolloutClient) -> Path:
-    """Train for `cfg.steps` steps; returns the directory of the last adapter version saved."""
-    policy, tokenizer = load_policy(model_dir, cfg)
+def run(cfg: LearnerConfig, rows: list[Row], policy: PeftModel, tokenizer, client: RolloutClient) -> Path | None:
+    """Train `policy` for `cfg.steps` steps; returns the last adapter version saved (None if none was)."""
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )

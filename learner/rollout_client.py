@@ -16,6 +16,7 @@ from shared.schemas import (
     RolloutRequest,
     RolloutResponse,
     SampleScores,
+    SamplesResponse,
     SleepState,
 )
 
@@ -60,6 +61,10 @@ class RolloutClient:
     def post_scores(self, rollout_id: str, scores: SampleScores) -> None:
         """Attach rewards and advantages to a recorded rollout."""
         self._call("POST", f"/v1/samples/{rollout_id}/scores", scores)
+
+    def recent_samples(self, limit: int = 10) -> SamplesResponse:
+        """The server's most recent rollouts, newest first, with scores where posted."""
+        return SamplesResponse.model_validate(self._call("GET", f"/v1/samples?limit={limit}"))
 
     def close(self) -> None:
         """Close the connection pool."""

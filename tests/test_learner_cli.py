@@ -1,0 +1,54 @@
+"""Config resolution: defaults < YAML file < flags; bad settings and data fail before any model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from learner.cli import main, parse_config
+from shared.errors import ConfigError
+
+
+def test_flags_override_the_yaml_which_overrides_defaults(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("mode: supervised\nsteps: 7\nloss:\n  beta: 0.1\n  tis_cap: 3.0\nsampling:\n  n: 4\n")
+    cfg = parse_config(["--config", str(config), "--loss-beta", "0.5", "--sampling-stop", "\n", "--no-sleep-server"])
+    assert (cfg.mode, cfg.steps, cfg.sampling.n) == ("supervised", 7, 4)  # from the file
+    assert (cfg.loss.beta, cfg.loss.tis_cap) == (0.5, 3.0)  # flag beats file; file beats default
+    assert cfg.sampling.stop == ["\n"] and cfg.sleep_server is False
+    assert cfg.loss.clip_eps_low == 0.2  # default
+
+
+def test_invalid_settings_name_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("sampling:\n  n: 0\nstepz: 3\n")
+    with pytest.raises(ConfigError, match=r"sampling.n: Input should be greater than or equal to 1.*stepz"):
+        parse_config(["--config", str(config)])
+
+
+def test_bundled_configs_are_valid() -> None:
+    for name in ("unsupervised", "supervised"):
+        cfg = parse_config(["--config", f"configs/{name}.yaml"])
+        assert cfg.mode == name and cfg.data.is_file()
+
+
+def test_bad_data_exits_2_with_file_and_line_before_loading_a_model(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(SystemExit) as e:
+        # --model points nowhere: reaching the model would fail differently
+        main(
+            [
+                "--mode",
+                "supervised",
+                "--data",
+                str(data),
+                "--model",
+                str(tmp_path / "none"),
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+    assert e.value.code == 2
+    assert f"{data}:2: field 'answer'" in capsys.readouterr().err

@@ -1,0 +1,73 @@
+"""Data files are validated row by row, and errors name the file, line and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from learner.prompts import PromptEncoder, PromptSampler, SupervisedRow, UnsupervisedRow, load_rows
+from shared.config import LearnerConfig
+from shared.errors import DataError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("mode", "text", "line", "field", "needle"),
+    [
+        ("supervised", '{"prompt": "a", "answer": "b"}\n{"prompt": "c"}\n', 2, "answer", "Field required"),
+        ("supervised", '{"prompt": "a", "answer": ""}\n', 1, "answer", "at least 1 character"),
+        ("unsupervised", '{"text": "ok"}\n\n{"text": 3}\n', 3, "text", "valid string"),  # blank lines count
+        ("unsupervised", '{"text": "ok"}\n{"text": "x"\n', 2, "-", "not valid JSON"),
+        ("unsupervised", '["text"]\n', 1, "-", "JSON object"),
+        ("unsupervised", '{"prompt": "a", "answer": "b"}\n', 1, "text", "unsupervised mode reads ['text']"),
+        ("supervised", "\n\n", 0, "-", "no rows"),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(tmp_path: Path, mode, text, line, field, needle) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(DataError) as e:
+        load_rows(path, mode)
+    assert (e.value.path, e.value.line, e.value.field) == (str(path), line, field)
+    assert needle in str(e.value) and str(e.value).startswith(f"{path}:{line}:")
+
+
+def test_missing_file_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        load_rows(tmp_path / "nope.jsonl", "unsupervised")
+
+
+def test_rows_load_and_extra_fields_are_ignored(tmp_path: Path) -> None:
+    path = write(tmp_path, '{"prompt": "1+1=", "answer": "2", "id": 7}\n')
+    assert load_rows(path, "supervised") == [SupervisedRow(prompt="1+1=", answer="2")]
+
+
+def test_sampler_visits_every_row_once_per_epoch_and_is_seeded() -> None:
+    rows = [UnsupervisedRow(text=str(i)) for i in range(5)]
+    sampler = PromptSampler(rows, batch_size=5, seed=3)
+    first, second = sampler.next_batch(), sampler.next_batch()
+    assert sorted(r.text for r in first) == sorted(r.text for r in second) == [str(i) for i in range(5)]
+    assert first == PromptSampler(rows, batch_size=5, seed=3).next_batch()
+
+
+class CharTokenizer:
+    eos_token_id, pad_token_id = 0, None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def test_encoder_truncation_eos_and_request() -> None:
+    cfg = LearnerConfig(mode="supervised", max_prompt_tokens=3, sampling={"n": 4, "seed": 10})
+    enc = PromptEncoder(CharTokenizer(), cfg)
+    assert enc.pad_id == 0  # no pad token: fall back to eos
+    assert enc.prompt(SupervisedRow(prompt="12+7=", answer="19")) == [ord(c) for c in "+7="]  # keeps the end
+    assert enc.prompt(UnsupervisedRow(text="abcdef")) == [ord(c) for c in "abc"]  # keeps the start
+    assert enc.strip_eos([5, 6, 0]) == [5, 6] and enc.strip_eos([5, 6]) == [5, 6] and enc.strip_eos([0]) == []
+    request = enc.rollout_request([[1], [2]], "policy", step=3)
+    assert (request.n, request.seed, request.adapter) == (4, 16, "policy")  # 10 + 3 steps * 2 prompts
