@@ -1,0 +1,119 @@
+"""Learning happens where it should: GRPO against the real server on the warmed tiny model.
+
+Measured on 2 CPU cores (see the closing note of the learner issue for the figures): with true
+answers, held-out answer likelihood rises a little in each seed while a shuffled-answer control
+falls far below; unsupervised self-distillation lowers completion NLL within a KL bound.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner import loop
+from learner.local_server import local_rollout_server
+from learner.model import load_policy
+from learner.prompts import SupervisedRow, load_rows
+from learner.rollout_client import RolloutClient
+from learner.tiny_model import addition_rows, evaluate_addition
+from shared.config import LearnerConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+HELDOUT = addition_rows(0, 200, split="heldout")
+TRAIN = [SupervisedRow(**row) for row in addition_rows(0, 256, split="train")]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("learning")
+
+
+@pytest.fixture(scope="module")
+def client(warm_model_dir: Path, run_dir: Path) -> Iterator[RolloutClient]:
+    with local_rollout_server(
+        str(warm_model_dir), run_dir / "adapters", log_path=run_dir / "server.log", env={"ROLLOUT_API_KEY": ""}
+    ) as url:
+        client = RolloutClient(url)
+        yield client
+        client.close()
+
+
+def grpo_supervised(model_dir: Path, run_dir: Path, client: RolloutClient, rows: list, seed: int, name: str):
+    cfg = LearnerConfig(
+        mode="supervised",
+        reward="answer_perplexity",
+        output_dir=run_dir,
+        adapter_name=name,
+        steps=30,
+        prompts_per_step=8,
+        micro_batch_size=64,
+        learning_rate=2e-3,
+        seed=seed,
+        sample_every=0,
+        sampling={"n": 8, "max_tokens": 4, "seed": seed, "stop": ["="]},
+    )
+    policy, tokenizer = load_policy(str(model_dir), cfg)
+    with torch.no_grad():
+        before = evaluate_addition(policy, tokenizer, HELDOUT)
+    loop.run(cfg, rows, policy, tokenizer, client)
+    with torch.no_grad():
+        after = evaluate_addition(policy, tokenizer, HELDOUT)
+    return before, after
+
+
+def test_supervised_grpo_raises_answer_likelihood_and_shuffled_answers_do_not(
+    warm_model_dir: Path, run_dir: Path, client: RolloutClient
+) -> None:
+    gains = {}
+    for seed in (0, 1):
+        before, after = grpo_supervised(warm_model_dir, run_dir, client, TRAIN, seed, f"true{seed}")
+        gains[seed] = (after.mean_answer_prob - before.mean_answer_prob, after.exact_match - before.exact_match)
+    answers = [row.answer for row in TRAIN]
+    random.Random(0).shuffle(answers)
+    shuffled = [SupervisedRow(prompt=row.prompt, answer=a) for row, a in zip(TRAIN, answers, strict=True)]
+    before, after = grpo_supervised(warm_model_dir, run_dir, client, shuffled, 0, "shuffled")
+    control = (after.mean_answer_prob - before.mean_answer_prob, after.exact_match - before.exact_match)
+    print(f"held-out (answer prob, exact match) gains: true {gains}, shuffled {control}")
+
+    spread = abs(gains[0][0] - gains[1][0])
+    # Each true-answer run raises held-out answer likelihood (measured +0.016..+0.064 over 3 seeds).
+    assert all(gain > 0 for gain, _ in gains.values())
+    # The shuffled control does not improve: it falls (measured -0.18), far below both true runs,
+    # by more than three times the spread between the two true seeds (measured 0.048).
+    assert control[0] < 0
+    assert min(g for g, _ in gains.values()) - control[0] > 3 * spread
+    # Exact match: the control loses what the true runs keep (measured -0.31 vs -0.02..-0.13).
+    assert control[1] < min(em for _, em in gains.values())
+
+
+def test_unsupervised_grpo_lowers_completion_nll_within_a_kl_bound(
+    warm_model_dir: Path, run_dir: Path, client: RolloutClient
+) -> None:
+    cfg = LearnerConfig(
+        mode="unsupervised",
+        data=Path("examples/unsupervised.jsonl"),
+        output_dir=run_dir,  # the server's adapter root is run_dir/adapters
+        adapter_name="unsupervised",
+        steps=20,
+        prompts_per_step=4,
+        micro_batch_size=32,
+        learning_rate=5e-4,
+        sample_every=0,
+        sampling={"n": 8, "max_tokens": 12, "seed": 0},
+    )
+    policy, tokenizer = load_policy(str(warm_model_dir), cfg)
+    loop.run(cfg, load_rows(cfg.data, cfg.mode), policy, tokenizer, client)
+    lines = (cfg.output_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines[-cfg.steps :]]  # this run's steps
+    first = sum(r["reward_mean"] for r in rows[:5]) / 5
+    last = sum(r["reward_mean"] for r in rows[-5:]) / 5
+    max_kl = max(r["kl"] for r in rows)
+    print(f"unsupervised reward (minus completion NLL): first 5 steps {first:.3f}, last 5 {last:.3f}, KL {max_kl:.3f}")
+    assert last > first + 0.1  # completion NLL falls by more than 0.1 nats/token
+    assert max_kl < 1.0  # bound fixed before the run: KL to the base stays small
