@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 
 from learner import scoring
-from learner.advantages import group_normalize, zero_variance_groups
+from learner.advantages import group_normalize
 from learner.model import next_version, save_adapter
 from learner.prompts import PromptEncoder, PromptSampler, Row
 from learner.rollout_client import RolloutClient
@@ -74,23 +74,8 @@ def run(cfg: LearnerConfig, rows: list[Row], policy: PeftModel, tokenizer, clien
                 rollout.rollout_id,
                 SampleScores(rewards=rewards_P_G.tolist(), advantages=advantages_P_G.tolist(), step=step),
             )
-            t4 = time.perf_counter()
-            log.step(
-                {
-                    "step": step,
-                    "policy_version": version,
-                    "reward_mean": rewards_P_G.mean().item(),
-                    "reward_std": rewards_P_G.std(correction=0).item(),
-                    "zero_variance_groups": zero_variance_groups(rewards_P_G),
-                    "completion_len": sum(len(c.token_ids) for g in completions for c in g) / rewards_P_G.numel(),
-                    **vars(stats),
-                    "time_generate": t1 - t0,
-                    "time_score": t2 - t1,
-                    "time_update": t3 - t2,
-                    "time_swap": t4 - t3,
-                },
-                sample=(batch[0].prompt_text, completions[0][0].text, rewards_P_G[0, 0].item()),
-            )
+            times = {"generate": t1 - t0, "score": t2 - t1, "update": t3 - t2, "swap": time.perf_counter() - t3}
+            log.step(step, version, rewards_P_G, completions, stats, times, sample=(batch[0].prompt_text, 0))
     finally:
         log.close()
     return saved

@@ -8,7 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from tqdm import tqdm
+
+from learner.advantages import zero_variance_groups
+from learner.update import UpdateStats
+from shared.schemas import Completion
 
 
 class RunLog:
@@ -21,8 +26,28 @@ class RunLog:
         self._bar = tqdm(total=steps, desc="grpo", unit="step", dynamic_ncols=True)
         self._sample_every = sample_every
 
-    def step(self, metrics: dict[str, Any], sample: tuple[str, str, float] | None) -> None:
-        """Record one step's metrics; print `(prompt, completion, reward)` every `sample_every`."""
+    def step(
+        self,
+        step: int,
+        version: int,
+        rewards_P_G: Tensor,
+        completions_P_G: list[list[Completion]],
+        stats: UpdateStats,
+        seconds: dict[str, float],
+        *,
+        sample: tuple[str, int],
+    ) -> None:
+        """Record one step; every `sample_every` steps print prompt `sample = (text, index)`'s first completion."""
+        metrics = {
+            "step": step,
+            "policy_version": version,
+            "reward_mean": rewards_P_G.mean().item(),
+            "reward_std": rewards_P_G.std(correction=0).item(),
+            "zero_variance_groups": zero_variance_groups(rewards_P_G),
+            "completion_len": sum(len(c.token_ids) for g in completions_P_G for c in g) / rewards_P_G.numel(),
+            **vars(stats),
+            **{f"time_{k}": v for k, v in seconds.items()},
+        }
         row = {"time": time.time(), **{k: _finite(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._bar.update(1)
@@ -32,9 +57,9 @@ class RunLog:
             gap=f"{metrics['sampler_gap']:.3f}",
             v=metrics["policy_version"],
         )
-        step = metrics["step"]
-        if sample and self._sample_every and step % self._sample_every == 0:
-            prompt, completion, reward = sample
+        if self._sample_every and step % self._sample_every == 0:
+            prompt, p = sample
+            completion, reward = completions_P_G[p][0].text, rewards_P_G[p, 0].item()
             self._bar.write(f"[step {step}] {prompt!r} -> {completion!r}  reward={reward:.4f}")
 
     def note(self, message: str) -> None:
