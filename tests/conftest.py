@@ -1,4 +1,4 @@
-"""Session fixtures: the tiny model, built once per test session (no hub, seeded)."""
+"""Session fixtures: the tiny models, built once per test session (no hub, seeded)."""
 
 from __future__ import annotations
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from learner import loop
-from learner.local_server import local_rollout_server
 from learner.model import load_policy
 from learner.prompts import load_rows
 from learner.rollout_client import RolloutClient
 from shared.config import LearnerConfig
+from tests.servers import served_client
 
 pytestmark = pytest.mark.integration
 
@@ -28,12 +28,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir: Path, run_dir: Path) -> Iterator[RolloutClient]:
-    with local_rollout_server(
-        str(tiny_model_dir), run_dir / "adapters", log_path=run_dir / "server.log", env={"ROLLOUT_API_KEY": ""}
-    ) as url:
-        client = RolloutClient(url)
+    with served_client(tiny_model_dir, run_dir) as client:
         yield client
-        client.close()
 
 
 @pytest.mark.parametrize(
