@@ -19,9 +19,9 @@ import torch
 
 from learner.cli import train
 from learner.local_server import local_rollout_server
+from learner.model import load_policy, save_adapter
 from learner.tiny_model import build_tiny_model
 from shared.config import LearnerConfig
-from tests.peft_adapters import random_adapter
 
 
 def rollout_figures(url: str, adapter: str | None, prompts: int, n: int, max_tokens: int, repeats: int) -> dict:
@@ -49,12 +49,15 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grpo-bench-"))
     model = args.model or str(build_tiny_model(Path("runs/tiny-model"), seed=0, warmup="addition"))
-    random_adapter(model, work / "adapters" / "bench", seed=0)
+    policy, _ = load_policy(model, LearnerConfig())  # a fresh LoRA: exercises vLLM's LoRA path
+    adapter = save_adapter(policy, work / "adapters", 1)
 
     start = time.perf_counter()
     with local_rollout_server(model, work / "adapters", log_path=work / "server.log") as url:
         startup_s = time.perf_counter() - start
-        httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "bench", "lora_path": "bench"}).raise_for_status()
+        httpx.post(
+            f"{url}/v1/load_lora_adapter", json={"lora_name": "bench", "lora_path": adapter.name}
+        ).raise_for_status()
         base = rollout_figures(url, None, prompts=4, n=8, max_tokens=32, repeats=5)
         lora = rollout_figures(url, "bench", prompts=4, n=8, max_tokens=32, repeats=5)
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads {torch.get_num_threads()}")
