@@ -1,8 +1,8 @@
 """Learning happens where it should: GRPO against the real server on the warmed tiny model.
 
-Measured on 2 CPU cores (see the closing note of the learner issue for the figures): with true
-answers, held-out answer likelihood rises a little in each seed while a shuffled-answer control
-falls far below; unsupervised self-distillation lowers completion NLL within a KL bound.
+Measured on 2 CPU cores (figures in the assertions' comments): with true answers, held-out
+answer likelihood and exact match rise in each seed while a shuffled-answer control collapses;
+unsupervised self-distillation lowers completion NLL within a KL bound fixed in advance.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ def grpo_supervised(model_dir: Path, run_dir: Path, client: RolloutClient, rows:
         reward="answer_perplexity",
         output_dir=run_dir,
         adapter_name=name,
-        steps=30,
+        steps=60,
         prompts_per_step=8,
         micro_batch_size=64,
-        learning_rate=2e-3,
+        learning_rate=1e-3,
         seed=seed,
         sample_every=0,
         sampling={"n": 8, "max_tokens": 4, "seed": seed, "stop": ["="]},
@@ -77,15 +77,18 @@ def test_supervised_grpo_raises_answer_likelihood_and_shuffled_answers_do_not(
     control = (after.mean_answer_prob - before.mean_answer_prob, after.exact_match - before.exact_match)
     print(f"held-out (answer prob, exact match) gains: true {gains}, shuffled {control}")
 
+    # Measured here (2 cores, fixed seeds; the runs are deterministic on one machine):
+    #   answer prob gains  true +0.104, +0.108 (spread 0.004)   shuffled -0.401
+    #   exact match gains  true +0.040, +0.085 (spread 0.045)   shuffled -0.430
+    # The likelihood margin is safe: the floor 0.05 is half the measured gain and 12x the spread,
+    # and the control lands 0.5 below. Exact match moves by whole rows of 200 (0.005 each), so its
+    # gain is asserted as a direction, with the control far below.
     spread = abs(gains[0][0] - gains[1][0])
-    # Each true-answer run raises held-out answer likelihood (measured +0.016..+0.064 over 3 seeds).
-    assert all(gain > 0 for gain, _ in gains.values())
-    # The shuffled control does not improve: it falls (measured -0.18), far below both true runs,
-    # by more than three times the spread between the two true seeds (measured 0.048).
+    assert all(gain > 0.05 for gain, _ in gains.values())
+    assert min(g for g, _ in gains.values()) > 3 * spread
     assert control[0] < 0
-    assert min(g for g, _ in gains.values()) - control[0] > 3 * spread
-    # Exact match: the control loses what the true runs keep (measured -0.31 vs -0.02..-0.13).
-    assert control[1] < min(em for _, em in gains.values())
+    assert all(em > 0 for _, em in gains.values())
+    assert control[1] < -0.2
 
 
 def test_unsupervised_grpo_lowers_completion_nll_within_a_kl_bound(
