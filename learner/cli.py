@@ -86,7 +86,10 @@ def train(cfg: LearnerConfig) -> Path | None:
             "so the importance ratios (and the sampler gap) are biased"
         )
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    # The resolved settings, for reproducing the run; the API key stays out of the file.
+    (cfg.output_dir / "config.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json", exclude={"api_key"}), sort_keys=False)
+    )
     model_dir = cfg.model or _default_model()
 
     from learner import loop
