@@ -96,9 +96,9 @@ def scored_logprobs(
         return logits_C_V.log_softmax(dim=-1).gather(-1, targets_C[:, None])[:, 0]
 
     pieces = []
+    grad = torch.is_grad_enabled()
     for start in range(0, hidden_M_H.shape[0], chunk_size):
         args = (hidden_M_H[start : start + chunk_size], targets_M[start : start + chunk_size])
-        grad = torch.is_grad_enabled()
         pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if grad else chunk_logprobs(*args))
     logprobs_M = torch.cat(pieces) if pieces else hidden_M_H.new_zeros(0, dtype=torch.float32)
 

@@ -129,14 +129,6 @@ class PromptEncoder:
         """The request for one step's rollouts; seeds differ per step and per prompt."""
         sampling = self._cfg.sampling
         seed = None if sampling.seed is None else sampling.seed + step * len(prompt_ids_P)
-        return RolloutRequest(
-            prompt_token_ids=prompt_ids_P,
-            n=sampling.n,
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            seed=seed,
-            stop=sampling.stop,
-            adapter=adapter,
-        )
+        # SamplingConfig's fields are RolloutRequest's sampling fields, by name.
+        params = sampling.model_dump(exclude={"seed"})
+        return RolloutRequest(prompt_token_ids=prompt_ids_P, adapter=adapter, seed=seed, **params)

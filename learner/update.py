@@ -52,7 +52,8 @@ def policy_update(
     sampler_N_T = torch.zeros(mask_N_T.shape)
     sampler_N_T[mask_N_T] = torch.tensor([lp for row in sampler_logprobs_N for lp in row], dtype=torch.float32)
     token_mean = cfg.loss.aggregation == "token_mean"
-    total = mask_N_T.sum() if token_mean else mask_N_T.any(dim=1).sum()
+    num_tokens = max(int(mask_N_T.sum()), 1)
+    total = num_tokens if token_mean else max(int(mask_N_T.any(dim=1).sum()), 1)
     device = next(model.parameters()).device
     kwargs = {"temperature": cfg.sampling.temperature, "chunk_size": cfg.logprob_chunk_size, "pad_id": pad_id}
 
@@ -75,14 +76,14 @@ def policy_update(
             ),
             cfg.loss,
         )
-        share = (out.num_tokens if token_mean else int(mask_N_T[part].any(dim=1).sum())) / max(int(total), 1)
+        share = (out.num_tokens if token_mean else int(mask_N_T[part].any(dim=1).sum())) / total
         if not torch.isfinite(out.loss):
             optimizer.zero_grad(set_to_none=True)
             return UpdateStats(
                 math.nan, out.kl_mean, out.clip_fraction, out.is_weight_mean, out.sampler_gap, math.nan, True
             )
         (out.loss * share).backward()
-        weight = out.num_tokens / max(int(mask_N_T.sum()), 1)  # diagnostics are token means
+        weight = out.num_tokens / num_tokens  # diagnostics are token means
         sums["loss"] += out.loss.item() * share
         sums["kl"] += out.kl_mean * weight
         sums["clip_fraction"] += out.clip_fraction * weight
