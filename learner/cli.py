@@ -85,17 +85,19 @@ def train(cfg: LearnerConfig) -> Path | None:
             "top_p/top_k truncate the sampler's distribution; the learner's logprobs are not truncated, "
             "so the importance ratios (and the sampler gap) are biased"
         )
+    model_dir = cfg.model or _default_model()
+
+    from learner import loop
+    from learner.local_server import local_rollout_server
+    from learner.model import load_policy, with_model_sampling_defaults
+    from learner.rollout_client import RolloutClient
+
+    cfg = with_model_sampling_defaults(cfg, model_dir)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     # The resolved settings, for reproducing the run; the API key stays out of the file.
     (cfg.output_dir / "config.yaml").write_text(
         yaml.safe_dump(cfg.model_dump(mode="json", exclude={"api_key"}), sort_keys=False)
     )
-    model_dir = cfg.model or _default_model()
-
-    from learner import loop
-    from learner.local_server import local_rollout_server
-    from learner.model import load_policy
-    from learner.rollout_client import RolloutClient
 
     with ExitStack() as stack:
         url = cfg.server_url

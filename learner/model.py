@@ -6,6 +6,7 @@ no second copy of the base is held.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,20 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from shared.config import LearnerConfig
+
+
+def with_model_sampling_defaults(cfg: LearnerConfig, model_dir: str) -> LearnerConfig:
+    """`cfg` with the sampling settings it leaves to the model (None) read from the model directory.
+
+    `stop` comes from `stop_strings` in generation_config.json: a model fine-tuned to end its
+    answers somewhere says so there (the bundled tiny model's attempt ends at '='); absent, none.
+    """
+    if cfg.sampling.stop is not None:
+        return cfg
+    path = Path(model_dir) / "generation_config.json"
+    stop_strings = json.loads(path.read_text()).get("stop_strings") if path.is_file() else None
+    stop = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    return cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"stop": stop})})
 
 
 def load_policy(model_dir: str, cfg: LearnerConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:

@@ -129,6 +129,7 @@ class PromptEncoder:
         """The request for one step's rollouts; seeds differ per step and per prompt."""
         sampling = self._cfg.sampling
         seed = None if sampling.seed is None else sampling.seed + step * len(prompt_ids_P)
-        # SamplingConfig's fields are RolloutRequest's sampling fields, by name.
-        params = sampling.model_dump(exclude={"seed"})
+        # SamplingConfig's fields are RolloutRequest's sampling fields, by name; a `stop` still left
+        # to the model (None, see model.with_model_sampling_defaults) sends the request's default.
+        params = sampling.model_dump(exclude={"seed"}, exclude_none=True)
         return RolloutRequest(prompt_token_ids=prompt_ids_P, adapter=adapter, seed=seed, **params)

@@ -76,7 +76,8 @@ WARMUP_REVERSED_FRACTION = 0.5
 """At 3e-3 with no ramp, seed 0 stalled on a plateau (4% exact match after 1600 steps)."""
 WARMUP_LR_RAMP_FRACTION = 0.1
 MANIFEST = "tiny_model.json"
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3
+"""3: generation_config.json carries the task's stop string (after a warm-up)."""
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -530,6 +531,9 @@ def build_tiny_model(
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            # The sampling settings the task needs travel with the model: a rollout is the attempt
+            # (see addition_completion), and the learner reads this when its config sets no `stop`.
+            stop_strings=[ATTEMPT_END] if warmup == "addition" else None,
         )
         manifest: dict[str, object] = {"args": args}
         if warmup == "addition":

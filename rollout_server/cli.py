@@ -9,8 +9,8 @@ from shared.cli import add_model_flags, given_overrides
 from shared.config import ServerConfig
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse flags into a `ServerConfig` and run the app under uvicorn."""
+def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
+    """The server's settings from its flags, and the log level."""
     parser = argparse.ArgumentParser(
         prog="grpo-rollout-server",
         description=(
@@ -25,14 +25,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if "model" not in vars(args):
         parser.error("--model DIR is required (a Hugging Face model directory; `grpo-tiny-model DIR` builds one)")
-    cfg = ServerConfig(**given_overrides(args, ServerConfig))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return ServerConfig(**given_overrides(args, ServerConfig)), args.log_level
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags into a `ServerConfig` and run the app under uvicorn."""
+    cfg, log_level = parse_config(argv)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn
 
     from rollout_server.app import build_app
 
-    uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level=args.log_level)
+    uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level=log_level)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ class SamplingConfig(_Strict):
     """Nucleus sampling; below 1 the sampler's distribution is truncated (biased ratios)."""
     top_k: int = Field(-1, ge=-1)
     """Top-k sampling; -1 disables it."""
-    stop: list[str] = Field(default_factory=list)
-    """Strings that end a completion (not included in it)."""
+    stop: list[str] | None = None
+    """Strings that end a completion (not included in it); None: the model's own, from the
+    `stop_strings` of its generation_config.json (the bundled tiny model's is ["="]), else none."""
     seed: int | None = None
     """Seed of the first prompt's sampler (prompt i uses seed + i); None draws fresh randomness."""
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from learner.cli import main, parse_config
 from shared.errors import ConfigError
@@ -52,3 +54,23 @@ def test_bad_data_exits_2_with_file_and_line_before_loading_a_model(tmp_path: Pa
         )
     assert e.value.code == 2
     assert f"{data}:2: field 'answer'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_the_cards_supervised_command_with_no_config_gets_meaningful_rewards(warm_model_dir: Path, tmp_path) -> None:
+    """`grpo-learner --mode supervised --data train.jsonl`, nothing else: the bundled model's own sampling
+    settings (stop at '=', from its generation_config.json) make a rollout the attempt the answer follows.
+
+    Measured on the bundled model, step 1: mean reward 0.65 with the stop, 0.11 without it (the
+    completion runs past the answer, '18+6=' -> '25=25', and the answer after it is unlikely).
+    """
+    from learner.cli import train
+
+    cfg = parse_config(
+        ["--mode", "supervised", "--data", "examples/supervised.jsonl", "--model", str(warm_model_dir)]
+        + ["--output-dir", str(tmp_path), "--steps", "1"]  # the defaults build this model; 1 step, not 10
+    )
+    train(cfg)
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row["reward_mean"] > 0.4
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sampling"]["stop"] == ["="]

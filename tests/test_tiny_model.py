@@ -219,7 +219,8 @@ def test_warmup_gives_the_format_and_partial_accuracy(warm_model_dir: Path) -> N
     correct = 0
     for a, b in pairs:
         ids_1_T = tok(f"{a}+{b}=", return_tensors="pt").input_ids
-        out_1_T = model.generate(ids_1_T, max_new_tokens=4, do_sample=False)
+        # The model's generation config stops at '=' (kept in the output): generate needs the tokenizer.
+        out_1_T = model.generate(ids_1_T, max_new_tokens=4, do_sample=False, tokenizer=tok)
         expected = tok.encode(str(a + b) + ATTEMPT_END)
         correct += out_1_T[0, ids_1_T.shape[1] :].tolist()[: len(expected)] == expected
     # generate uses a KV cache, so a near-tie may flip; a handful of rows at most.
