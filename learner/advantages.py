@@ -5,19 +5,24 @@ Pure tensor functions (no model, no I/O). Shapes: P prompts, G completions per p
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
 def group_normalize(rewards_P_G: Tensor, *, eps: float, scale_by_std: bool) -> Tensor:
     """Centre each group's rewards on the group mean and, optionally, divide by the group std.
 
-    A = (R - mean_group) / (std_group + eps), with the population std (correction=0), so a group of
-    one sample gets std 0 and advantage 0, never NaN. With `scale_by_std=False` (Dr. GRPO),
-    A = R - mean_group. A group whose rewards are all exactly equal gets exactly zero advantage.
+    A = (R - mean_group) / (std_group + eps * max_group |R|), with the population std
+    (correction=0). The floor is relative because rounding noise is: identical texts scored in
+    other batch shapes (GPU kernels, bf16) differ by a fraction of the rewards' own magnitude, and
+    an absolute floor would let that noise become advantages of ±1 for large rewards while
+    squashing real differences between tiny ones. A group whose rewards are all exactly equal
+    (one sample, all zeros included) gets exactly zero advantage, never NaN. With
+    `scale_by_std=False` (Dr. GRPO), A = R - mean_group.
 
     Args:
         rewards_P_G: Float rewards, one row per prompt. P may be 0.
-        eps: Added to the group std before dividing.
+        eps: Floor of the group std, relative to the group's largest |reward|.
         scale_by_std: Divide by the group std (GRPO) or only centre (Dr. GRPO).
 
     Returns:
@@ -32,7 +37,10 @@ def group_normalize(rewards_P_G: Tensor, *, eps: float, scale_by_std: bool) -> T
     advantages_P_G = shifted_P_G - shifted_P_G.mean(dim=1, keepdim=True)
     if scale_by_std:
         std_P_1 = advantages_P_G.square().mean(dim=1, keepdim=True).sqrt()  # population std
-        advantages_P_G = advantages_P_G / (std_P_1 + eps)
+        floor_P_1 = eps * rewards_P_G.double().abs().amax(dim=1, keepdim=True)
+        denominator_P_1 = std_P_1 + floor_P_1
+        # Zero only for an all-zero group, whose deviations are exact zeros: 0, not 0/0.
+        advantages_P_G = torch.where(denominator_P_1 > 0, advantages_P_G / denominator_P_1, 0.0)
     return advantages_P_G.to(rewards_P_G.dtype)
 
 

@@ -29,8 +29,9 @@ take one KL-penalized clipped policy-gradient step on the LoRA weights, save the
 serves it.
 
 Modes: unsupervised (rows {"text": ...}; reward = minus the mean NLL of the completion tokens;
-an empty completion gets --empty-completion-reward) and supervised (rows {"prompt", "answer"};
---reward answer_perplexity | completion_cross_entropy; rewards in [0, 1]).
+an empty completion gets its group's worst reward minus --empty-completion-margin) and
+supervised (rows {"prompt", "answer"}; --reward answer_perplexity | completion_cross_entropy;
+rewards in [0, 1]).
 
 The base model loads in 4-bit NF4 (bitsandbytes) on CUDA; bitsandbytes 4-bit is a CUDA path,
 so on CPU the base stays in float32. With no --server-url, a local rollout server is started as
@@ -88,8 +89,8 @@ def train(cfg: LearnerConfig) -> Path | None:
     model_dir = cfg.model or _default_model()
 
     from learner import loop
-    from learner.local_server import local_rollout_server
-    from learner.model import load_policy, with_model_sampling_defaults
+    from learner.local_server import local_rollout_server, server_flags
+    from learner.model import load_policy, loads_in_4bit, served_base, with_model_sampling_defaults
     from learner.rollout_client import RolloutClient
 
     cfg = with_model_sampling_defaults(cfg, model_dir)
@@ -99,15 +100,28 @@ def train(cfg: LearnerConfig) -> Path | None:
         yaml.safe_dump(cfg.model_dump(mode="json", exclude={"api_key"}), sort_keys=False)
     )
 
+    policy, tokenizer = load_policy(model_dir, cfg)
     with ExitStack() as stack:
         url = cfg.server_url
         if url is None:
             server_log = cfg.output_dir / "server.log"
-            log.info("starting a local rollout server (log: %s)", server_log)
-            url = stack.enter_context(local_rollout_server(model_dir, cfg.output_dir / "adapters", log_path=server_log))
+            # A 4-bit learner has the server sample from its own (dequantized) weights: see served_base.
+            served = served_base(policy, model_dir, cfg)
+            log.info("starting a local rollout server for %s (log: %s)", served, server_log)
+            url = stack.enter_context(
+                local_rollout_server(
+                    served, cfg.output_dir / "adapters", log_path=server_log, extra_args=server_flags(cfg.server)
+                )
+            )
+        elif loads_in_4bit(cfg):
+            log.warning(
+                "the learner's base is 4-bit and %s samples from the weights it loaded: unless it serves the "
+                "learner's dequantized base (learner.model.export_served_base), the sampler gap and the "
+                "importance weights carry the whole quantization error",
+                url,
+            )
         client = RolloutClient(url, api_key=cfg.api_key or os.environ.get("ROLLOUT_API_KEY"))
         stack.callback(client.close)
-        policy, tokenizer = load_policy(model_dir, cfg)
         last = loop.run(cfg, rows, policy, tokenizer, client)
     log.info("done: last adapter %s; metrics in %s", last, cfg.output_dir / "metrics.jsonl")
     return last

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from shared.errors import RolloutServerError
+from shared.errors import ServerStartError
 
 
 def free_port() -> int:
@@ -36,12 +38,14 @@ def local_rollout_server(
 ) -> Iterator[str]:
     """Start `grpo-rollout-server` on 127.0.0.1, yield its URL once /health answers, stop it on exit.
 
-    The server's output goes to `log_path`; a server that dies during start-up raises with the
-    log's tail. Stopping sends SIGTERM to the process group (vLLM's engine core is a child of
-    the server), then SIGKILL if it has not exited within 30 s.
+    The server's output is appended to `log_path`; a server that dies during start-up (or never
+    answers) raises ServerStartError naming the cause found in what this start wrote there
+    (`startup_failure_cause`). Stopping sends SIGTERM to the process group (vLLM's engine core is
+    a child of the server), then SIGKILL if it has not exited within 30 s.
     """
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_start = log_path.stat().st_size if log_path.exists() else 0  # earlier runs' lines are not this start's
     cmd = [sys.executable, "-m", "rollout_server.cli", "--model", model, "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--adapter-root", str(adapter_root), *extra_args]
     with log_path.open("ab") as log:
@@ -50,25 +54,89 @@ def local_rollout_server(
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(proc, url, log_path, startup_timeout_s)
+        _wait_healthy(proc, url, log_path, log_start, startup_timeout_s)
         yield url
     finally:
         _stop(proc)
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float) -> None:
+def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, log_start: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RolloutServerError(0, f"the rollout server exited with {proc.returncode} during start-up:\n{tail}")
+            cause = startup_failure_cause(_read_from(log_path, log_start))
+            raise ServerStartError(
+                f"the rollout server exited with {proc.returncode} during start-up: {cause} (log: {log_path})"
+            )
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    raise RolloutServerError(0, f"the rollout server did not answer /health within {timeout_s:.0f} s (log: {log_path})")
+    cause = startup_failure_cause(_read_from(log_path, log_start))
+    raise ServerStartError(
+        f"the rollout server did not answer /health within {timeout_s:.0f} s during start-up; "
+        f"its log last said: {cause} (log: {log_path})"
+    )
+
+
+def _read_from(log_path: Path, offset: int) -> str:
+    with log_path.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+# An exception's last traceback line, "pkg.mod.SomethingError: message" (or a bare Exception),
+# at the start of a line or after vLLM's logger prefix "(EngineCore pid=1) ERROR ... [core.py:1] ".
+_EXCEPTION_LINE = re.compile(r"(?:^|\] )((?:[A-Za-z_]\w*\.)*(?:[A-Z]\w*)?(?:Error|Exception)(?::.*)?)$")
+# Exceptions that only point elsewhere: vLLM wraps an engine-core failure in these.
+_POINTS_ELSEWHERE = re.compile(r"root cause", re.IGNORECASE)
+
+
+def startup_failure_cause(log_text: str) -> str:
+    """The line of a failed start-up's log that names its cause, for a one-line error.
+
+    The last exception line that does not only point at "the root cause above"; the indented
+    lines right after it are part of its message (pydantic puts each validation error there:
+    "ValidationError: 1 validation error for ModelConfig" / "  Value error, ..."), except
+    pydantic's "For further information" link. With no exception line, the last non-blank line.
+    """
+    lines = log_text.splitlines()
+    cause: list[str] = []
+    for i, line in enumerate(lines):
+        match = _EXCEPTION_LINE.search(line)
+        if match is None or _POINTS_ELSEWHERE.search(line):
+            continue
+        cause = [match.group(1).strip()]
+        if match.start(1) == 0:  # no logger prefix: the message may go on over indented lines
+            for more in lines[i + 1 :]:
+                if not more[:1].isspace() or not more.strip():
+                    break
+                if not more.strip().startswith("For further information"):
+                    cause.append(more.strip())
+    if cause:
+        return " ".join(cause)
+    non_blank = [line.strip() for line in lines if line.strip()]
+    return non_blank[-1] if non_blank else "(the server wrote nothing)"
+
+
+def server_flags(settings: Mapping[str, Any]) -> list[str]:
+    """`grpo-rollout-server` flags for ServerConfig fields given by name (LearnerConfig.server).
+
+    `max_model_len` becomes `--max-model-len`; a bool becomes `--name` or `--no-name`; None is
+    left out, as it is the server's default for each field that may be None.
+    """
+    flags = []
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    return flags
 
 
 def _stop(proc: subprocess.Popen) -> None:

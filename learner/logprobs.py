@@ -4,10 +4,16 @@ Full-vocabulary logits are never formed for a whole batch: the decoder's hidden 
 gathered at the scored positions first, then the LM head runs over chunks of those rows. With
 gradients on, each chunk is checkpointed, so backward recomputes its logits instead of keeping
 every chunk's [chunk, vocab] activations alive at once.
+
+The chunks compute what the family's `*ForCausalLM.forward` computes after its decoder (the LM
+head, then Granite's division by `logits_scaling`, Gemma-2/3's final soft-capping, Cohere's
+`logit_scale`), in float32 whatever the weights' dtype, so they match the logits vLLM samples
+from. A family not in `LOGIT_POSTPROCESSING` is refused with the list of those that are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +21,68 @@ from peft import PeftModel
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
+
+from shared.errors import ConfigError
+
+
+def _plain(config) -> Callable[[Tensor], Tensor]:
+    return lambda logits: logits
+
+
+def _divide_by_logits_scaling(config) -> Callable[[Tensor], Tensor]:
+    return lambda logits: logits / config.logits_scaling
+
+
+def _multiply_by_logit_scale(config) -> Callable[[Tensor], Tensor]:
+    return lambda logits: logits * config.logit_scale
+
+
+def _final_softcapping(config) -> Callable[[Tensor], Tensor]:
+    cap = config.final_logit_softcapping
+    if cap is None:
+        return _plain(config)
+    return lambda logits: torch.tanh(logits / cap) * cap
+
+
+LOGIT_POSTPROCESSING: dict[str, Callable] = {
+    **dict.fromkeys(
+        ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "phi3", "olmo2"], _plain
+    ),
+    **dict.fromkeys(["granite", "granitemoe", "granitemoeshared"], _divide_by_logits_scaling),
+    **dict.fromkeys(["cohere", "cohere2"], _multiply_by_logit_scale),
+    **dict.fromkeys(["gemma2", "gemma3_text"], _final_softcapping),
+}
+"""config.model_type -> what its *ForCausalLM.forward does to the LM head's output (read from
+transformers 5.19's modeling files); tests/test_logprobs_scoring.py checks each family it builds
+against model.forward."""
+
+
+@dataclass(frozen=True)
+class LogitHead:
+    """The LM head and the family's logit post-processing, in float32."""
+
+    weight_V_H: Tensor
+    bias_V: Tensor | None
+    postprocess: Callable[[Tensor], Tensor]
+
+    @classmethod
+    def of(cls, causal_lm: PreTrainedModel) -> LogitHead:
+        """The head of `causal_lm`, or a ConfigError naming its family and the supported ones."""
+        model_type = causal_lm.config.model_type
+        if model_type not in LOGIT_POSTPROCESSING:
+            raise ConfigError(
+                f"model type {model_type!r}: the learner does not know what its forward does to the logits; "
+                f"supported: {sorted(LOGIT_POSTPROCESSING)}"
+            )
+        head = causal_lm.get_output_embeddings()
+        # float32 even for a bf16 head: bf16 logits round by up to ~0.06 nats per log-prob. The copy
+        # is made once per call; the head is frozen, so no gradient flows to it.
+        bias = None if head.bias is None else head.bias.float()
+        return cls(head.weight.float(), bias, LOGIT_POSTPROCESSING[model_type](causal_lm.config))
+
+    def logits(self, hidden_C_H: Tensor) -> Tensor:
+        """[C, V] float32 logits, as the model's own forward computes them."""
+        return self.postprocess(torch.nn.functional.linear(hidden_C_H.float(), self.weight_V_H, self.bias_V))
 
 
 @dataclass(frozen=True)
@@ -68,7 +136,14 @@ def scored_logprobs(
 
     Row i holds sequence i's scored positions in order, right-padded with zeros to the longest
     count T; differentiable if gradients are enabled.
+
+    The pass's mode follows the grad mode: with gradients (the policy pass) the model is in train
+    mode, so LoRA dropout applies and gradient checkpointing recomputes each layer (transformers
+    checkpoints a layer only while training); without (rewards, reference, old logprobs) it is in
+    eval mode, so the same input always gets the same scores.
     """
+    grad = torch.is_grad_enabled()
+    model.train(grad)
     device = next(model.parameters()).device
     length = max(len(s.token_ids) for s in sequences)
     input_ids_N_L = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -83,20 +158,20 @@ def scored_logprobs(
         scored_N_L[i, :n] = torch.tensor(s.scored)
 
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    head = LogitHead.of(causal_lm)
+    # use_cache=False: a scoring pass has no next step to cache keys and values for.
     hidden_N_L_H = causal_lm.get_decoder()(
-        input_ids=input_ids_N_L.to(device), attention_mask=attention_N_L.to(device)
+        input_ids=input_ids_N_L.to(device), attention_mask=attention_N_L.to(device), use_cache=False
     ).last_hidden_state
     scored_dev_N_L = scored_N_L.to(device)
     hidden_M_H = hidden_N_L_H[scored_dev_N_L]
     targets_M = targets_N_L.to(device)[scored_dev_N_L]
-    lm_head = causal_lm.get_output_embeddings()
 
     def chunk_logprobs(hidden_C_H: Tensor, targets_C: Tensor) -> Tensor:
-        logits_C_V = lm_head(hidden_C_H).float() / temperature
+        logits_C_V = head.logits(hidden_C_H) / temperature
         return logits_C_V.log_softmax(dim=-1).gather(-1, targets_C[:, None])[:, 0]
 
     pieces = []
-    grad = torch.is_grad_enabled()
     for start in range(0, hidden_M_H.shape[0], chunk_size):
         args = (hidden_M_H[start : start + chunk_size], targets_M[start : start + chunk_size])
         pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if grad else chunk_logprobs(*args))

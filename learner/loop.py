@@ -10,7 +10,7 @@ from peft import PeftModel
 
 from learner import scoring
 from learner.advantages import group_normalize
-from learner.model import next_version, save_adapter
+from learner.model import eos_token_ids, next_version, save_adapter
 from learner.prompts import PromptEncoder, PromptSampler, Row
 from learner.rollout_client import RolloutClient
 from learner.run_log import RunLog
@@ -26,7 +26,7 @@ def run(cfg: LearnerConfig, rows: list[Row], policy: PeftModel, tokenizer, clien
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
     prompts = PromptSampler(rows, cfg.prompts_per_step, cfg.seed)
-    encode = PromptEncoder(tokenizer, cfg)
+    encode = PromptEncoder(tokenizer, cfg, eos_ids=eos_token_ids(policy, tokenizer))
     adapter_root = cfg.output_dir / "adapters"
     log = RunLog(cfg.output_dir, cfg.steps, sample_every=cfg.sample_every)
     adapter, version, saved = None, 0, None  # step 1 samples the base: a fresh LoRA is a no-op

@@ -47,6 +47,12 @@ class LossOutputs:
     """Mean truncated importance weight."""
     sampler_gap: float
     """Mean |old - sampler| log-probability."""
+    sampler_gap_M: Tensor
+    """|old - sampler| at each of the M masked tokens, detached (for percentiles)."""
+    is_weight_M: Tensor
+    """The importance weight at each masked token, detached (for percentiles)."""
+    clamped_tokens: int
+    """Masked tokens where a log-ratio was clamped to +-max_log_ratio before exp."""
     num_tokens: int
     """Masked tokens in the batch (to weight micro-batches when accumulating)."""
 
@@ -68,7 +74,7 @@ def _check_shapes(inputs: LossInputs) -> None:
     assert inputs.mask_N_T.dtype == torch.bool, f"mask must be bool, got {inputs.mask_N_T.dtype}"
 
 
-def grpo_loss(inputs: LossInputs, cfg: LossConfig) -> LossOutputs:
+def grpo_loss(inputs: LossInputs, cfg: LossConfig, *, max_tokens: int | None = None) -> LossOutputs:
     """GRPO loss over the masked completion tokens.
 
     Per token, with r = exp(logp - old) and A the sequence's advantage:
@@ -76,15 +82,20 @@ def grpo_loss(inputs: LossInputs, cfg: LossConfig) -> LossOutputs:
       w         = min(exp(old - sampler), tis_cap), detached (1 when tis_cap is None): corrects
                   for vLLM's sampler differing from the learner's rollout-time policy
       kl        = exp(ref - logp) - (ref - logp) - 1   (k3: >= 0, unbiased for KL(policy, ref))
+    Each log-ratio (logp - old, old - sampler, ref - logp) is clamped to +-max_log_ratio first.
       loss_t    = -w * surrogate + beta * kl
-    Aggregation "token_mean" divides the sum over all masked tokens by their number;
-    "sequence_mean" takes each sequence's masked mean, then the mean over sequences with at least
-    one token. A batch with no masked token gives a loss of exactly 0 that still backpropagates
+    Aggregation (see LossConfig.aggregation): "token_mean" (DAPO) divides the sum over all masked
+    tokens by their number; "sequence_mean" (GRPO) takes each sequence's masked mean, then the mean
+    over sequences with at least one token; "token_sum" (Dr. GRPO) divides the sum over all masked
+    tokens by the constant N * max_tokens, so no token's weight depends on any completion's
+    length. A batch with no masked token gives a loss of exactly 0 that still backpropagates
     (zero gradient). Values at masked-out positions are never read, so padding may hold anything.
 
     Args:
         inputs: Log-probabilities, advantages and mask, shapes asserted here.
         cfg: Clip range, KL weight, aggregation and importance-weight cap.
+        max_tokens: The longest completion the sampler could return (sampling.max_tokens), the
+            constant of "token_sum", which needs it; the other aggregations ignore it.
 
     Returns:
         The loss and its diagnostics.
@@ -100,16 +111,25 @@ def grpo_loss(inputs: LossInputs, cfg: LossConfig) -> LossOutputs:
     sampler_N_T = torch.where(mask_N_T, inputs.sampler_logprobs_N_T.detach(), 0.0)
     advantages_N_1 = inputs.advantages_N.detach().unsqueeze(1)
 
-    ratio_N_T = torch.exp(learner_N_T - old_N_T)
+    # Every log-ratio is clamped before exp: one overflow would make the loss inf and skip the step.
+    bound = cfg.max_log_ratio
+    log_ratio_N_T = learner_N_T - old_N_T
+    log_is_N_T = old_N_T - sampler_N_T
+    log_ratio_ref_N_T = ref_N_T - learner_N_T
+    clamped_N_T = (log_ratio_N_T.abs() > bound) | (log_is_N_T.abs() > bound) | (log_ratio_ref_N_T.abs() > bound)
+    log_ratio_N_T, log_is_N_T, log_ratio_ref_N_T = (
+        x.clamp(-bound, bound) for x in (log_ratio_N_T, log_is_N_T, log_ratio_ref_N_T)
+    )
+
+    ratio_N_T = torch.exp(log_ratio_N_T)
     unclipped_N_T = ratio_N_T * advantages_N_1
     clipped_N_T = ratio_N_T.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * advantages_N_1
     surrogate_N_T = torch.minimum(unclipped_N_T, clipped_N_T)
 
-    is_weight_N_T = torch.exp(old_N_T - sampler_N_T)
+    is_weight_N_T = torch.exp(log_is_N_T)
     if cfg.tis_cap is not None:
         is_weight_N_T = is_weight_N_T.clamp(max=cfg.tis_cap)
 
-    log_ratio_ref_N_T = ref_N_T - learner_N_T
     kl_N_T = torch.exp(log_ratio_ref_N_T) - log_ratio_ref_N_T - 1
 
     per_token_N_T = torch.where(mask_N_T, -is_weight_N_T * surrogate_N_T + cfg.beta * kl_N_T, 0.0)
@@ -117,6 +137,10 @@ def grpo_loss(inputs: LossInputs, cfg: LossConfig) -> LossOutputs:
     num_tokens = int(tokens_N.sum())
     if cfg.aggregation == "token_mean":
         loss = per_token_N_T.sum() / max(num_tokens, 1)
+    elif cfg.aggregation == "token_sum":
+        assert max_tokens is not None, "token_sum divides by N * max_tokens: give LossInputs.max_tokens"
+        assert not bool((tokens_N > max_tokens).any()), f"a completion is longer than max_tokens={max_tokens}"
+        loss = per_token_N_T.sum() / max(tokens_N.shape[0] * max_tokens, 1)
     else:
         sequence_means_N = per_token_N_T.sum(dim=1) / tokens_N.clamp(min=1)
         loss = sequence_means_N.sum() / max(int((tokens_N > 0).sum()), 1)
@@ -128,6 +152,9 @@ def grpo_loss(inputs: LossInputs, cfg: LossConfig) -> LossOutputs:
         clip_fraction=_token_mean(clipped_taken_N_T, mask_N_T),
         is_weight_mean=_token_mean(is_weight_N_T, mask_N_T),
         sampler_gap=_token_mean((old_N_T - sampler_N_T).abs(), mask_N_T),
+        sampler_gap_M=(old_N_T - sampler_N_T).abs()[mask_N_T].detach(),
+        is_weight_M=is_weight_N_T[mask_N_T].detach(),
+        clamped_tokens=int((clamped_N_T & mask_N_T).sum()),
         num_tokens=num_tokens,
     )
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.config import LearnerConfig
 
@@ -34,12 +34,20 @@ def with_model_sampling_defaults(cfg: LearnerConfig, model_dir: str) -> LearnerC
     return cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"stop": stop})})
 
 
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Every token id vLLM stops on: the tokenizer's EOS and each of the generation config's
+    (Qwen2.5-Instruct has two, Llama-3.1-Instruct three)."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return frozenset(i for i in [tokenizer.eos_token_id, *ids] if i is not None)
+
+
 def load_policy(model_dir: str, cfg: LearnerConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """The base model with a fresh LoRA (seeded), and its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if torch.cuda.is_available():
         kwargs: dict = {"dtype": torch.bfloat16, "device_map": {"": 0}}
-        if cfg.load_in_4bit:
+        if loads_in_4bit(cfg):
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -52,10 +60,14 @@ def load_policy(model_dir: str, cfg: LearnerConfig) -> tuple[PeftModel, PreTrain
         # bitsandbytes 4-bit is a CUDA path; on CPU the base stays in float32.
         kwargs = {"dtype": torch.float32}
     base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if torch.cuda.is_available() and cfg.load_in_4bit:
+    if loads_in_4bit(cfg):
         from peft import prepare_model_for_kbit_training
 
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
@@ -69,6 +81,74 @@ def load_policy(model_dir: str, cfg: LearnerConfig) -> tuple[PeftModel, PreTrain
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, lora), tokenizer
+
+
+def loads_in_4bit(cfg: LearnerConfig) -> bool:
+    """Whether `load_policy` quantizes the base: bitsandbytes 4-bit is a CUDA path."""
+    return cfg.load_in_4bit and torch.cuda.is_available()
+
+
+def served_base(policy: PeftModel, model_dir: str, cfg: LearnerConfig) -> str:
+    """The model directory the rollout server should load: the learner's dequantized weights when its
+    base is 4-bit (export_served_base, into output_dir/served-base), else the model directory."""
+    if not loads_in_4bit(cfg):
+        return model_dir
+    return str(export_served_base(policy, model_dir, cfg.output_dir / "served-base"))
+
+
+SERVED_BASE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def export_served_base(policy: PeftModel, model_dir: str, out_dir: Path) -> Path:
+    """Write the base the learner computes with, as a bf16 Hugging Face model directory vLLM can serve.
+
+    With a 4-bit base, bitsandbytes dequantizes each NF4 weight to bf16 inside every matmul, so
+    the learner's base is dequantize(quantize(W)), not W. A server sampling from the original W
+    would put the whole quantization gap into the importance weights from step 1, and the KL
+    reference would not be the policy that sampled. Serving these weights instead makes sampler
+    and learner the same function up to kernel rounding. Written once (atomically); a directory
+    already there is reused.
+    """
+    if (out_dir / "model.safetensors").is_file():
+        return out_dir
+    from safetensors.torch import save_file
+
+    base = policy.get_base_model()
+    tensors = {}
+    for module_name, module in base.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if "lora_" in module_name:
+                continue
+            # peft wraps each targeted Linear: its frozen weight sits at <module>.base_layer.weight
+            key = f"{module_name}.{param_name}".removeprefix(".").replace(".base_layer.", ".")
+            tensors[key] = _dequantized(param).to(torch.bfloat16).contiguous().cpu()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = base.config.to_dict()
+        config.pop("quantization_config", None)
+        config["torch_dtype"] = config["dtype"] = "bfloat16"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        base.generation_config.save_pretrained(tmp)
+        for name in SERVED_BASE_FILES:
+            if (Path(model_dir) / name).is_file():
+                shutil.copy(Path(model_dir) / name, tmp / name)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _dequantized(param: torch.nn.Parameter) -> torch.Tensor:
+    """The weight a bitsandbytes 4-bit layer multiplies by; any other parameter as it is."""
+    if param.device.type != "cuda":
+        return param.detach()
+    import bitsandbytes as bnb
+
+    if isinstance(param, bnb.nn.Params4bit):
+        return bnb.functional.dequantize_4bit(param.data, param.quant_state)
+    return param.detach()
 
 
 def next_version(adapter_root: Path) -> int:

@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.config import LearnerConfig
 from shared.errors import DataError
-from shared.schemas import RolloutRequest
+from shared.prompts import prompt_token_ids
+from shared.schemas import ChatMessage, RolloutRequest
 
 
 class UnsupervisedRow(BaseModel):
@@ -27,16 +28,17 @@ class UnsupervisedRow(BaseModel):
 
 
 class SupervisedRow(BaseModel):
-    """`{"prompt": ..., "answer": ...}`: the reward measures the answer's likelihood."""
+    """`{"prompt": ..., "answer": ...}`: the reward measures the answer's likelihood. The prompt is a
+    text or a conversation (`[{"role": ..., "content": ...}, ...]`, through the chat template)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
-    prompt: str = Field(min_length=1)
+    prompt: str | list[ChatMessage] = Field(min_length=1)
     answer: str = Field(min_length=1)
 
     @property
     def prompt_text(self) -> str:
-        """The text sent as the prompt."""
-        return self.prompt
+        """The prompt as one line of text (a conversation's last message) for logs."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[-1].content
 
 
 Row = UnsupervisedRow | SupervisedRow
@@ -98,22 +100,28 @@ class PromptEncoder:
     last ones (the end of a question is what the answer follows).
     """
 
-    def __init__(self, tokenizer, cfg: LearnerConfig) -> None:
+    def __init__(self, tokenizer, cfg: LearnerConfig, *, eos_ids: frozenset[int] | None = None) -> None:
         self._tokenizer = tokenizer
         self._cfg = cfg
-        self.eos_id: int = tokenizer.eos_token_id
-        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.eos_ids = eos_ids or frozenset([tokenizer.eos_token_id])
+        """Every token the sampler stops on (model.eos_token_ids): none of them is completion text."""
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, no special tokens added."""
+        """Token ids of `text`, no special tokens added (answers: they continue a sequence)."""
         return self._tokenizer.encode(text, add_special_tokens=False)
 
     def prompt(self, row: Row) -> list[int]:
-        """The prompt's token ids, truncated to `max_prompt_tokens`."""
+        """The prompt's token ids (shared.prompts: BOS when the tokenizer adds one, chat template for
+        conversations), truncated to `max_prompt_tokens` with a leading BOS kept."""
         limit = self._cfg.max_prompt_tokens
+        ids = prompt_token_ids(self._tokenizer, row.text if isinstance(row, UnsupervisedRow) else row.prompt)
+        if len(ids) <= limit:
+            return ids
         if isinstance(row, UnsupervisedRow):
-            return self.encode(row.text)[:limit]
-        return self.encode(row.prompt)[-limit:]
+            return ids[:limit]  # a document's opening, BOS included
+        bos = ids[:1] if ids[0] == self._tokenizer.bos_token_id else []
+        return bos + ids[len(ids) - (limit - len(bos)) :]  # the end of a question, after its BOS
 
     def answers(self, rows: list[Row]) -> list[list[int]] | None:
         """Answer token ids of supervised rows; None in unsupervised mode."""
@@ -123,12 +131,15 @@ class PromptEncoder:
 
     def strip_eos(self, token_ids: list[int]) -> list[int]:
         """The completion's text tokens: without the end-of-sequence token that stopped it."""
-        return token_ids[:-1] if token_ids and token_ids[-1] == self.eos_id else token_ids
+        return token_ids[:-1] if token_ids and token_ids[-1] in self.eos_ids else token_ids
 
     def rollout_request(self, prompt_ids_P: list[list[int]], adapter: str | None, step: int) -> RolloutRequest:
-        """The request for one step's rollouts; seeds differ per step and per prompt."""
+        """The request for step `step` (from 1); with `sampling.seed` set, each step's completions
+        take the next prompts_per_step * n seeds (see SamplingConfig.seed)."""
         sampling = self._cfg.sampling
-        seed = None if sampling.seed is None else sampling.seed + step * len(prompt_ids_P)
+        assert step >= 1 and len(prompt_ids_P) <= self._cfg.prompts_per_step, (step, len(prompt_ids_P))
+        stride = self._cfg.prompts_per_step * sampling.n  # seeds one step's request uses
+        seed = None if sampling.seed is None else sampling.seed + (step - 1) * stride
         # SamplingConfig's fields are RolloutRequest's sampling fields, by name; a `stop` still left
         # to the model (None, see model.with_model_sampling_defaults) sends the request's default.
         params = sampling.model_dump(exclude={"seed"}, exclude_none=True)

@@ -56,6 +56,32 @@ def unsupervised_rewards(completion_nll_N_T: Tensor, completion_mask_N_T: Tensor
     return torch.where(count_N > 0, -mean_nll_N, empty_reward)
 
 
+def floor_empty_rewards(rewards_P_G: Tensor, empty_P_G: Tensor, *, margin: float) -> Tensor:
+    """Give each empty completion its group's worst non-empty reward minus `margin`.
+
+    An empty completion has no NLL to average, and a fixed low reward for it (-20 nats/token
+    against typical -2..-4) is an outlier that inflates the group's std and shrinks every other
+    completion's advantage several-fold. Placed just below the group's worst text, it still ranks
+    last without dominating the spread. A group with no non-empty completion keeps its rewards
+    (the caller gives them one value, hence zero advantage).
+
+    Args:
+        rewards_P_G: Rewards, one row per prompt; the values at empty completions are ignored.
+        empty_P_G: Bool, True at completions with no text token.
+        margin: How far below the worst non-empty reward of its group an empty one scores.
+
+    Returns:
+        rewards_P_G with the empty completions of mixed groups replaced.
+    """
+    assert rewards_P_G.dim() == 2, f"rewards must be [P, G], got {tuple(rewards_P_G.shape)}"
+    assert empty_P_G.shape == rewards_P_G.shape, f"empty {tuple(empty_P_G.shape)} vs rewards {tuple(rewards_P_G.shape)}"
+    assert empty_P_G.dtype == torch.bool, f"empty must be bool, got {empty_P_G.dtype}"
+    # where, not masking by multiplication: an empty slot may hold NaN.
+    worst_P_1 = torch.where(empty_P_G, torch.inf, rewards_P_G).amin(dim=1, keepdim=True)
+    has_text_P_1 = (~empty_P_G).any(dim=1, keepdim=True)
+    return torch.where(empty_P_G & has_text_P_1, worst_P_1 - margin, rewards_P_G)
+
+
 def answer_perplexity_rewards(
     answer_nll_N_T: Tensor,
     answer_mask_N_T: Tensor,

@@ -7,12 +7,19 @@ every sampled token, end-of-sequence included).
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 from peft import PeftModel
 from torch import Tensor
 
 from learner.logprobs import Sequence, micro_batched_logprobs
-from learner.rewards import answer_perplexity_rewards, completion_cross_entropy_rewards, unsupervised_rewards
+from learner.rewards import (
+    answer_perplexity_rewards,
+    completion_cross_entropy_rewards,
+    floor_empty_rewards,
+    unsupervised_rewards,
+)
 from shared.config import LearnerConfig
 
 
@@ -25,20 +32,30 @@ def score(
     *,
     pad_id: int,
 ) -> Tensor:
-    """rewards_P_G of every completion (text tokens only) under the policy, at temperature 1."""
+    """rewards_P_G of every completion (text tokens only) under the policy, at temperature 1.
+
+    Each distinct (prompt, answer, completion) is scored once and its reward copied to every
+    duplicate: equal completions then share one reward exactly, whichever micro-batch (and so
+    padding, kernel and rounding) they would have fallen in, and std scaling cannot turn that
+    rounding into advantages. In unsupervised mode an empty completion scores just below its
+    group's worst non-empty one (`floor_empty_rewards`).
+    """
     P, G = len(completion_ids_P_G), len(completion_ids_P_G[0])
-    flat = [(p, c) for p in range(P) for c in completion_ids_P_G[p]]
+    all_N = [(p, c) for p in range(P) for c in completion_ids_P_G[p]]
+    answer_key_P = [None] * P if answer_ids_P is None else [tuple(a) for a in answer_ids_P]
+    first_U, inverse_N = _distinct([(tuple(prompt_ids_P[p]), answer_key_P[p], tuple(c)) for p, c in all_N])
+    distinct_U = [all_N[i] for i in first_U]
     if cfg.mode == "unsupervised":
-        sequences = [Sequence.continuation(prompt_ids_P[p], c) for p, c in flat]
+        sequences = [Sequence.continuation(prompt_ids_P[p], c) for p, c in distinct_U]
     else:
         assert answer_ids_P is not None, "supervised scoring needs the answers"
         if cfg.reward == "answer_perplexity":
             # prompt ++ completion ++ answer, scored on the answer only.
-            sequences = [Sequence.continuation(prompt_ids_P[p] + c, answer_ids_P[p]) for p, c in flat]
+            sequences = [Sequence.continuation(prompt_ids_P[p] + c, answer_ids_P[p]) for p, c in distinct_U]
         else:
             # prompt ++ completion; the logits that predicted completion token t score answer token t.
-            sequences = [Sequence.aligned(prompt_ids_P[p], c, answer_ids_P[p]) for p, c in flat]
-    logprobs_N_T, mask_N_T = micro_batched_logprobs(
+            sequences = [Sequence.aligned(prompt_ids_P[p], c, answer_ids_P[p]) for p, c in distinct_U]
+    logprobs_U_T, mask_U_T = micro_batched_logprobs(
         model,
         sequences,
         temperature=1.0,
@@ -46,16 +63,34 @@ def score(
         pad_id=pad_id,
         micro_batch_size=cfg.micro_batch_size,
     )
-    nll_N_T = -logprobs_N_T
+    nll_U_T = -logprobs_U_T
     if cfg.mode == "unsupervised":
-        rewards_N = unsupervised_rewards(nll_N_T, mask_N_T, empty_reward=cfg.empty_completion_reward)
+        rewards_U = unsupervised_rewards(nll_U_T, mask_U_T, empty_reward=cfg.empty_completion_reward)
     else:
-        answer_lens_N = torch.tensor([len(answer_ids_P[p]) for p, _ in flat])
+        answer_lens_U = torch.tensor([len(answer_ids_P[p]) for p, _ in distinct_U])
         if cfg.reward == "answer_perplexity":
-            completion_lens_N = torch.tensor([len(c) for _, c in flat])
-            rewards_N = answer_perplexity_rewards(
-                nll_N_T, mask_N_T, completion_lens_N, answer_lens_N, score=cfg.answer_score
+            completion_lens_U = torch.tensor([len(c) for _, c in distinct_U])
+            rewards_U = answer_perplexity_rewards(
+                nll_U_T, mask_U_T, completion_lens_U, answer_lens_U, score=cfg.answer_score
             )
         else:
-            rewards_N = completion_cross_entropy_rewards(nll_N_T, mask_N_T, answer_lens_N, score=cfg.answer_score)
-    return rewards_N.view(P, G)
+            rewards_U = completion_cross_entropy_rewards(nll_U_T, mask_U_T, answer_lens_U, score=cfg.answer_score)
+    rewards_P_G = rewards_U[inverse_N].view(P, G)
+    if cfg.mode == "unsupervised":
+        empty_P_G = torch.tensor([[not c for c in group] for group in completion_ids_P_G], dtype=torch.bool)
+        rewards_P_G = floor_empty_rewards(rewards_P_G, empty_P_G, margin=cfg.empty_completion_margin)
+    return rewards_P_G
+
+
+def _distinct(keys_N: list[Hashable]) -> tuple[list[int], Tensor]:
+    """Positions of the first occurrence of each distinct key, and for every key the index of its
+    distinct key among those: keys_N[i] == keys_N[first_U[inverse_N[i]]]."""
+    slot_of: dict[Hashable, int] = {}
+    first_U: list[int] = []
+    inverse_N = []
+    for i, key in enumerate(keys_N):
+        if key not in slot_of:
+            slot_of[key] = len(first_U)
+            first_U.append(i)
+        inverse_N.append(slot_of[key])
+    return first_U, torch.tensor(inverse_N, dtype=torch.long)

@@ -24,6 +24,16 @@ class UpdateStats:
     is_weight: float
     sampler_gap: float
     """Mean |learner - sampler| log-probability of the sampled tokens."""
+    sampler_gap_p50: float
+    """Median over the batch's tokens of |learner - sampler| log-probability."""
+    sampler_gap_p99: float
+    """99th percentile of the same: the tail a mean hides."""
+    is_weight_p50: float
+    """Median truncated importance weight."""
+    is_weight_p99: float
+    """99th percentile truncated importance weight."""
+    clamped_tokens: int
+    """Tokens whose log-ratios were clamped before exp (see LossConfig.max_log_ratio)."""
     grad_norm: float
     skipped: bool
     """True when the loss or gradient was NaN/inf and no step was taken."""
@@ -42,23 +52,23 @@ def policy_update(
 ) -> UpdateStats:
     """Accumulate the GRPO loss over micro-batches of the N sampled sequences and step once.
 
-    Each micro-batch's loss is weighted by its share of the batch (tokens for token_mean,
-    non-empty sequences for sequence_mean), so the accumulated gradient is that of the loss over
-    the whole batch. A non-finite loss or gradient norm skips the step and leaves the weights as
-    they were.
+    Each micro-batch's loss is weighted by its share of the batch's normaliser (tokens for
+    token_mean, non-empty sequences for sequence_mean, sequences for token_sum), so the accumulated
+    gradient is that of the loss over the whole batch. A non-finite loss or gradient norm skips
+    the step and leaves the weights as they were.
     """
     sequences = [Sequence.continuation(p, c) for p, c in zip(prompt_ids_N, completion_ids_N, strict=True)]
     mask_N_T = scored_mask(sequences)
     sampler_N_T = torch.zeros(mask_N_T.shape)
     sampler_N_T[mask_N_T] = torch.tensor([lp for row in sampler_logprobs_N for lp in row], dtype=torch.float32)
-    token_mean = cfg.loss.aggregation == "token_mean"
     num_tokens = max(int(mask_N_T.sum()), 1)
-    total = num_tokens if token_mean else max(int(mask_N_T.any(dim=1).sum()), 1)
+    total = max(_normaliser_units(mask_N_T, cfg.loss.aggregation), 1)
     device = next(model.parameters()).device
     kwargs = {"temperature": cfg.sampling.temperature, "chunk_size": cfg.logprob_chunk_size, "pad_id": pad_id}
 
     optimizer.zero_grad(set_to_none=True)
     sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "is_weight": 0.0, "sampler_gap": 0.0}
+    gaps_M, is_weights_M, clamped = [], [], 0
     for start in range(0, len(sequences), cfg.micro_batch_size):
         part = slice(start, start + cfg.micro_batch_size)
         with torch.no_grad(), model.disable_adapter():
@@ -75,12 +85,25 @@ def policy_update(
                 mask_N_T=mask_N_T[part, :width].to(device),
             ),
             cfg.loss,
+            max_tokens=cfg.sampling.max_tokens,
         )
-        share = (out.num_tokens if token_mean else int(mask_N_T[part].any(dim=1).sum())) / total
+        gaps_M.append(out.sampler_gap_M.float().cpu())
+        is_weights_M.append(out.is_weight_M.float().cpu())
+        clamped += out.clamped_tokens
+        share = _normaliser_units(mask_N_T[part], cfg.loss.aggregation) / total
         if not torch.isfinite(out.loss):
             optimizer.zero_grad(set_to_none=True)
             return UpdateStats(
-                math.nan, out.kl_mean, out.clip_fraction, out.is_weight_mean, out.sampler_gap, math.nan, True
+                math.nan,
+                out.kl_mean,
+                out.clip_fraction,
+                out.is_weight_mean,
+                out.sampler_gap,
+                *_percentiles(gaps_M),
+                *_percentiles(is_weights_M),
+                clamped,
+                math.nan,
+                True,
             )
         (out.loss * share).backward()
         weight = out.num_tokens / num_tokens  # diagnostics are token means
@@ -96,4 +119,35 @@ def policy_update(
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return UpdateStats(grad_norm=grad_norm, skipped=skipped, **sums)
+    gap_p50, gap_p99 = _percentiles(gaps_M)
+    is_p50, is_p99 = _percentiles(is_weights_M)
+    return UpdateStats(
+        **sums,
+        sampler_gap_p50=gap_p50,
+        sampler_gap_p99=gap_p99,
+        is_weight_p50=is_p50,
+        is_weight_p99=is_p99,
+        clamped_tokens=clamped,
+        grad_norm=grad_norm,
+        skipped=skipped,
+    )
+
+
+def _normaliser_units(mask_B_T: Tensor, aggregation: str) -> int:
+    """What `grpo_loss` divides a micro-batch's sum by, in units that add up over micro-batches:
+    tokens (token_mean), non-empty sequences (sequence_mean), sequences (token_sum, whose
+    max_tokens factor is the same in every micro-batch)."""
+    if aggregation == "token_mean":
+        return int(mask_B_T.sum())
+    if aggregation == "sequence_mean":
+        return int(mask_B_T.any(dim=1).sum())
+    return mask_B_T.shape[0]
+
+
+def _percentiles(pieces_M: list[Tensor]) -> tuple[float, float]:
+    """p50 and p99 of the concatenated token values (NaN when there are none)."""
+    values_M = torch.cat(pieces_M) if pieces_M else torch.zeros(0)
+    if values_M.numel() == 0:
+        return math.nan, math.nan
+    p50, p99 = torch.quantile(values_M.double(), torch.tensor([0.5, 0.99], dtype=torch.float64)).tolist()
+    return p50, p99

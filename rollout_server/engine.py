@@ -12,7 +12,8 @@ from typing import Protocol
 
 from shared.config import ServerConfig
 from shared.errors import InvalidRequestError
-from shared.schemas import Completion, RolloutRequest
+from shared.prompts import prompt_token_ids
+from shared.schemas import Completion, Prompt, RolloutRequest
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,13 @@ class RolloutEngine(Protocol):
 
     device: str
     """'cuda' or 'cpu': whether sleeping can release memory."""
+    max_model_len: int
+    """Longest prompt + completion the engine serves: ServerConfig.max_model_len, or when that is
+    None the model's own limit."""
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of a prompt text (no special tokens added, no chat template)."""
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: a text as the tokenizer encodes it (BOS when it adds one), or a
+        conversation through the chat template with the generation prompt."""
         ...
 
     async def generate(
@@ -95,9 +100,10 @@ class VllmEngine:
         )
         self._llm = AsyncLLM.from_engine_args(args)
         self._tokenizer = self._llm.get_tokenizer()
+        self.max_model_len = self._llm.model_config.max_model_len  # derived by vLLM when cfg's is None
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        return prompt_token_ids(self._tokenizer, prompt)
 
     async def generate(
         self,

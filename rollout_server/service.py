@@ -37,6 +37,7 @@ from shared.schemas import (
     RolloutResponse,
     SampleRecord,
     SleepState,
+    prompt_chars,
 )
 
 
@@ -93,10 +94,10 @@ class RolloutService:
         served = self._served(request.adapter) if request.adapter else None
         prompt_ids = request.prompt_token_ids or [self.engine.tokenize(p) for p in request.prompts or []]
         for i, ids in enumerate(prompt_ids):
-            if len(ids) + request.max_tokens > self.cfg.max_model_len:
+            if len(ids) + request.max_tokens > self.engine.max_model_len:
                 raise InvalidRequestError(
                     f"prompt {i} has {len(ids)} tokens; with max_tokens={request.max_tokens} it exceeds "
-                    f"max_model_len={self.cfg.max_model_len}"
+                    f"max_model_len={self.engine.max_model_len}"
                 )
         handle = served.handle if served else None
         rollout_id = uuid.uuid4().hex
@@ -108,7 +109,9 @@ class RolloutService:
                     self.engine.generate(
                         ids,
                         request,
-                        None if request.seed is None else request.seed + i,
+                        # vLLM seeds child j of an n > 1 request with seed + j: striding prompts
+                        # by n gives every completion of the request its own stream.
+                        None if request.seed is None else request.seed + i * request.n,
                         handle,
                         f"{rollout_id}-{i}",
                     )
@@ -151,9 +154,10 @@ class RolloutService:
                 f"{request.num_prompts} prompts exceed the server's max_prompts={cfg.max_prompts}"
             )
         for i, prompt in enumerate(request.prompts or []):
-            if len(prompt) > cfg.max_prompt_chars:
+            if prompt_chars(prompt) > cfg.max_prompt_chars:
                 raise InvalidRequestError(
-                    f"prompt {i} has {len(prompt)} characters, more than max_prompt_chars={cfg.max_prompt_chars}"
+                    f"prompt {i} has {prompt_chars(prompt)} characters, more than "
+                    f"max_prompt_chars={cfg.max_prompt_chars}"
                 )
 
     def _acquire(self, handle: LoraHandle | None) -> None:

@@ -8,9 +8,9 @@ the code that needs them and never stored back here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -32,8 +32,9 @@ class ServerConfig(_Strict):
     """Largest LoRA rank the engine accepts; adapters of higher rank are refused."""
     max_loras: int = Field(2, gt=0)
     """Adapters held on the device at once (old and new version during a swap)."""
-    max_model_len: int = Field(512, gt=0)
-    """Longest prompt + completion in tokens."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Longest prompt + completion in tokens; None: the model's own limit, as vLLM derives it from
+    config.json (max_position_embeddings). Above that limit vLLM refuses to start."""
     gpu_memory_utilization: float = Field(0.35, gt=0, le=1)
     """Fraction of GPU memory vLLM may take (CUDA only); the learner needs the rest."""
     enable_sleep_mode: bool = True
@@ -73,7 +74,9 @@ class SamplingConfig(_Strict):
     """Strings that end a completion (not included in it); None: the model's own, from the
     `stop_strings` of its generation_config.json (the bundled tiny model's is ["="]), else none."""
     seed: int | None = None
-    """Seed of the first prompt's sampler (prompt i uses seed + i); None draws fresh randomness."""
+    """Seed of step 1's first completion; step s sends seed + (s - 1) * prompts_per_step * n, and
+    completion j of prompt i then samples with that + i * n + j (RolloutRequest.seed), so no two
+    completions of a run share a stream. None draws fresh randomness."""
 
 
 class LoraConfig(_Strict):
@@ -108,11 +111,16 @@ class LossConfig(_Strict):
     """Upper clip: the ratio is clipped at 1 + clip_eps_high."""
     beta: float = Field(0.04, ge=0)
     """Weight of the k3 KL estimator against the reference (base model, adapter disabled)."""
-    aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
-    """token_mean: mean over every completion token of the batch (Dr. GRPO, no length bias);
-    sequence_mean: mean per sequence, then over sequences (original GRPO)."""
+    aggregation: Literal["token_mean", "sequence_mean", "token_sum"] = "token_mean"
+    """How per-token losses become one: token_mean (DAPO), sum over the batch's completion tokens /
+    their number; sequence_mean (GRPO), each sequence's token mean, then the mean over sequences
+    (a short completion's tokens weigh more); token_sum (Dr. GRPO), sum / (N sequences *
+    sampling.max_tokens), a constant, so no token's weight depends on any completion's length."""
     tis_cap: float | None = Field(2.0, gt=0)
     """Truncated importance sampling cap on exp(old - sampler) per token; None turns it off."""
+    max_log_ratio: float = Field(20.0, gt=0)
+    """Log-ratios are clamped to +-this before exp (counted in `clamped_tokens`), so one extreme
+    token cannot overflow the loss and skip the step."""
 
 
 class LearnerConfig(_Strict):
@@ -129,12 +137,20 @@ class LearnerConfig(_Strict):
     answer_score: Literal["arithmetic", "geometric"] = "arithmetic"
     """How answer-token NLLs become a reward in [0, 1]: coverage * mean(exp(-nll)) (arithmetic,
     RLPR) or coverage * exp(-mean nll) = coverage / perplexity (geometric)."""
+    empty_completion_margin: float = Field(1.0, ge=0)
+    """Unsupervised mode: a completion with no tokens (no NLL to average) scores its group's worst
+    non-empty reward minus this many nats/token: last in its group, not an outlier."""
     empty_completion_reward: float = -20.0
-    """Unsupervised mode: reward of a completion with no tokens (there is no NLL to average)."""
+    """Unsupervised mode: reward of every completion of a group with no non-empty completion (all
+    equal, so zero advantage; the value only shows in the logged rewards)."""
     model: str | None = None
     """Base model directory; None builds the bundled tiny model into output_dir/tiny-model."""
     server_url: str | None = None
     """Rollout server URL; None launches a local one as a child process on a free loopback port."""
+    server: dict[str, Any] = Field(default_factory=dict)
+    """Settings of the local server (server_url None; ignored otherwise): ServerConfig fields by
+    name, each passed as its flag, e.g. {max_model_len: 256} -> --max-model-len 256; all but
+    model, host, port and adapter_root, which the learner sets. Checked against ServerConfig."""
     api_key: str | None = None
     """Bearer token for the server (default: the ROLLOUT_API_KEY environment variable)."""
     output_dir: Path = Path("runs/grpo")
@@ -157,8 +173,9 @@ class LearnerConfig(_Strict):
     """Prompts are truncated to their last max_prompt_tokens tokens."""
     scale_advantages_by_std: bool = True
     """Divide group-centred rewards by the group's std (off: Dr. GRPO's unscaled form)."""
-    advantage_eps: float = Field(1e-6, gt=0)
-    """Added to the group std before dividing."""
+    advantage_eps: float = Field(1e-4, gt=0)
+    """Floor of the group std, relative to the group's largest |reward|: std + eps * max|R| divides
+    the centred rewards, so differences below ~eps of the rewards' magnitude (rounding) stay small."""
     logprob_chunk_size: int = Field(1024, gt=0)
     """Positions per chunk when turning hidden states into log-probabilities."""
     gradient_checkpointing: bool = False
@@ -177,3 +194,13 @@ class LearnerConfig(_Strict):
     """Loss settings."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """Rollout sampling settings."""
+
+    @field_validator("server")
+    @classmethod
+    def _server_fields(cls, server: dict[str, Any]) -> dict[str, Any]:
+        """Refuse what the learner sets itself, and what ServerConfig would refuse (before launch)."""
+        owned = sorted(set(server) & {"model", "host", "port", "adapter_root"})
+        if owned:
+            raise ValueError(f"{owned} of the local server are set by the learner")
+        checked = ServerConfig.model_validate({"model": "-", **server})
+        return {name: getattr(checked, name) for name in server}

@@ -51,6 +51,16 @@ class RolloutServerError(GrpoError, RuntimeError):
         self.status_code, self.detail = status_code, detail
 
 
+class ServerStartError(RolloutServerError):
+    """A local rollout server exited, or never answered /health, during start-up; the message names
+    the cause found in its log. No HTTP answer came: status_code is 0."""
+
+    def __init__(self, message: str) -> None:
+        # Not RolloutServerError's "rollout server answered <status>: ..." wording: it never answered.
+        RuntimeError.__init__(self, message)
+        self.status_code, self.detail = 0, message
+
+
 class StaleAdapterError(GrpoError, RuntimeError):
     """The server served a policy version other than the one the learner expected."""
 

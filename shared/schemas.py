@@ -18,11 +18,30 @@ class _Wire(BaseModel):
 # --- rollouts -------------------------------------------------------------------------------
 
 
+class ChatMessage(_Wire):
+    """One turn of a conversation, as chat templates take it."""
+
+    role: str = Field(min_length=1)
+    """'system', 'user', 'assistant', ... (whatever the model's chat template knows)."""
+    content: str
+
+
+Prompt = str | list[ChatMessage]
+"""A prompt text, or a conversation that the model's chat template renders with the generation
+prompt (the assistant turn to be completed)."""
+
+
+def prompt_chars(prompt: Prompt) -> int:
+    """Characters of a prompt: its text, or the contents of its messages."""
+    return len(prompt) if isinstance(prompt, str) else sum(len(m.content) for m in prompt)
+
+
 class RolloutRequest(_Wire):
     """K completions for each of a list of prompts (text or token ids, not both)."""
 
-    prompts: list[str] | None = None
-    """Prompt texts, tokenized by the server (no chat template is applied)."""
+    prompts: list[Prompt] | None = None
+    """Prompt texts (tokenized as the model's tokenizer does: a BOS token when it adds one) or
+    conversations (rendered by the model's chat template, with the generation prompt)."""
     prompt_token_ids: list[list[int]] | None = None
     """Prompts as token ids, used verbatim."""
     n: int = Field(8, ge=1)
@@ -36,7 +55,9 @@ class RolloutRequest(_Wire):
     top_k: int = Field(-1, ge=-1)
     """Top-k sampling; -1 disables it."""
     seed: int | None = None
-    """Seed of prompt 0's sampler; prompt i uses seed + i. None: fresh randomness."""
+    """Seed of prompt 0's first completion. Prompt i is sent to vLLM with seed + i * n, and vLLM
+    seeds its completion j with that + j, so completion (i, j) samples with seed + i * n + j: one
+    stream per completion, the request using seeds seed .. seed + P * n - 1. None: fresh randomness."""
     stop: list[str] = Field(default_factory=list)
     """Strings that end a completion (excluded from it)."""
     adapter: str | None = None
@@ -48,6 +69,8 @@ class RolloutRequest(_Wire):
             raise ValueError("give exactly one of 'prompts' and 'prompt_token_ids'")
         if self.prompt_token_ids is not None and any(not ids for ids in self.prompt_token_ids):
             raise ValueError("'prompt_token_ids' holds an empty prompt")
+        if self.prompts is not None and any(isinstance(p, list) and not p for p in self.prompts):
+            raise ValueError("'prompts' holds a conversation with no message")
         if self.temperature == 0 and self.n > 1:
             raise ValueError("temperature 0 is greedy decoding: all n completions would be equal; use n=1")
         return self
@@ -74,7 +97,8 @@ class Completion(_Wire):
 class PromptRollout(_Wire):
     """A prompt and its K completions."""
 
-    prompt: str | None
+    prompt: Prompt | None
+    """The prompt as sent (None when it was sent as token ids)."""
     prompt_token_ids: list[int]
     completions: list[Completion]
 

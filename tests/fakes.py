@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from rollout_server.engine import LoraHandle
-from shared.schemas import Completion, RolloutRequest
+from shared.schemas import Completion, Prompt, RolloutRequest
 
 BASE_CONFIG = {
     "hidden_size": 16,
@@ -29,13 +29,15 @@ class FakeEngine:
 
     device = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, max_model_len: int = 64) -> None:
+        self.max_model_len = max_model_len  # a real engine's: ServerConfig's, or the model's own
         self.loras: dict[int, LoraHandle] = {}
         self.removed: list[int] = []
         self.sleep_calls: list[int] = []
         self.gate: asyncio.Event | None = None  # when set, generate() waits on it
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        text = prompt if isinstance(prompt, str) else "".join(f"{m.role}:{m.content}" for m in prompt)
         return list(text.encode())
 
     async def generate(

@@ -86,7 +86,47 @@ def test_unsupervised_reward_is_minus_mean_nll_of_completion_tokens_only(tiny_mo
     off_by_one = full[len(prompt) - 2 : -1].mean()  # would count the last prompt token instead
     torch.testing.assert_close(rewards_P_G[0, 0], want)
     assert abs(float(want - off_by_one)) > 1e-3
-    assert rewards_P_G[0, 1] == cfg.empty_completion_reward  # no tokens: the floor
+    # No tokens: the group's worst non-empty reward (here the only one) minus the margin.
+    assert rewards_P_G[0, 1] == rewards_P_G[0, 0] - cfg.empty_completion_margin
+
+
+def test_unsupervised_all_empty_group_gets_equal_rewards(tiny_model_dir: Path) -> None:
+    # No non-empty completion to floor against: every one gets empty_completion_reward, all
+    # equal, so zero advantage; the other group is floored against its own worst reward.
+    policy, cfg = _policy(tiny_model_dir, mode="unsupervised")
+    rewards_P_G = scoring.score(policy, [[5, 6], [7, 8]], [[[], []], [[9], []]], None, cfg, pad_id=0)
+    assert rewards_P_G[0].tolist() == [cfg.empty_completion_reward] * 2
+    assert rewards_P_G[1, 1] == rewards_P_G[1, 0] - cfg.empty_completion_margin
+
+
+@pytest.mark.parametrize("mode", ["unsupervised", "supervised"])
+def test_each_distinct_pair_is_scored_once_and_duplicates_share_their_reward(tiny_model_dir: Path, mode: str) -> None:
+    # Two prompts with the same ids, two completions each repeated across micro-batches of 2.
+    # Unsupervised: 3 distinct (prompt, completion) pairs. Supervised: the prompts' answers
+    # differ, so equal ids are still different questions: 2 prompts x 2 completions = 4 pairs.
+    policy, cfg = _policy(tiny_model_dir, mode=mode, micro_batch_size=2)
+    prompt, a, b = [5, 6, 7], [9, 10, 11], [12]
+    answers = [[20], [21]] if mode == "supervised" else None
+    rows_seen = []
+    decoder = policy.get_base_model().get_decoder()
+    hook = decoder.register_forward_pre_hook(
+        lambda _, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        rewards_P_G = scoring.score(policy, [prompt, prompt], [[a, b, a, []], [b, a, a, b]], answers, cfg, pad_id=0)
+    finally:
+        hook.remove()
+    if mode == "unsupervised":
+        assert sum(rows_seen) == 3  # (prompt, a), (prompt, b), (prompt, [])
+        assert rewards_P_G[0, 0] == rewards_P_G[0, 2] == rewards_P_G[1, 1] == rewards_P_G[1, 2]  # bit-equal
+        assert rewards_P_G[0, 1] == rewards_P_G[1, 0] == rewards_P_G[1, 3]
+    else:
+        assert sum(rows_seen) == 5  # (prompt, answer, completion): 2 x {a, b} and (prompt, [20], [])
+        assert rewards_P_G[0, 0] == rewards_P_G[0, 2] and rewards_P_G[1, 1] == rewards_P_G[1, 2]
+        assert rewards_P_G[0, 0] != rewards_P_G[1, 1]  # same prompt ids, another answer
+    # The same rewards as scoring each pair alone.
+    alone = scoring.score(policy, [prompt], [[a]], answers and answers[:1], cfg, pad_id=0)
+    torch.testing.assert_close(rewards_P_G[0, 0], alone[0, 0])
 
 
 def test_answer_perplexity_scores_answer_after_prompt_and_completion(tiny_model_dir: Path) -> None:

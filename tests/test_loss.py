@@ -103,7 +103,7 @@ def test_unclipped_gradient() -> None:
     torch.testing.assert_close(learner_N_T.grad, _t([[-1.7], [(1.5 * E + 0.05) / 2]]))
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "token_sum"])
 def test_all_masked(aggregation: str) -> None:
     # No completion token at all; the padding holds garbage that must not leak.
     inf, nan = math.inf, math.nan
@@ -114,7 +114,7 @@ def test_all_masked(aggregation: str) -> None:
         old_minus_sampler=[[-inf, inf], [nan, 1.0]],
         mask=[[False, False], [False, False]],
     )
-    out = grpo_loss(inputs, LossConfig(aggregation=aggregation))
+    out = grpo_loss(inputs, LossConfig(aggregation=aggregation), max_tokens=2)
     out.loss.backward()
     assert out.loss.item() == 0.0
     assert out.num_tokens == 0
@@ -173,6 +173,8 @@ def test_k3_kl() -> None:
         ("token_mean", -1.0),
         # sequence_mean: row means [-4, 0] over the 2 rows with tokens = -2 (not -4/3 over 3).
         ("sequence_mean", -2.0),
+        # token_sum: (-4 + 0 + 0 + 0) / (3 rows * max_tokens 4) = -1/3; the empty row counts.
+        ("token_sum", -1 / 3),
     ],
 )
 def test_aggregation_on_unequal_lengths(aggregation: str, expected: float) -> None:
@@ -181,9 +183,41 @@ def test_aggregation_on_unequal_lengths(aggregation: str, expected: float) -> No
         advantages=[4.0, 0.0, 7.0],
         mask=[[True, False, False], [True, True, True], [False, False, False]],
     )
-    out = grpo_loss(inputs, LossConfig(beta=0.0, aggregation=aggregation))
+    out = grpo_loss(inputs, LossConfig(beta=0.0, aggregation=aggregation), max_tokens=4)
     torch.testing.assert_close(out.loss, _t(expected))
     assert out.num_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "grad"),
+    [
+        # r = 1, A = 1, beta = 0: per-token loss -r, d/dlogp = -1 before aggregation. Rows of 1
+        # and 3 tokens, max_tokens 4.
+        # token_mean (DAPO): every token weighs 1 / 4 tokens in the batch.
+        ("token_mean", [[-1 / 4, 0.0, 0.0], [-1 / 4, -1 / 4, -1 / 4]]),
+        # sequence_mean (GRPO): 1 / (2 rows * its length): the short row's token weighs 3x more.
+        ("sequence_mean", [[-1 / 2, 0.0, 0.0], [-1 / 6, -1 / 6, -1 / 6]]),
+        # token_sum (Dr. GRPO): 1 / (2 rows * max_tokens 4), a constant: lengths change nothing.
+        ("token_sum", [[-1 / 8, 0.0, 0.0], [-1 / 8, -1 / 8, -1 / 8]]),
+    ],
+)
+def test_token_weight_by_aggregation(aggregation: str, grad: list) -> None:
+    inputs, learner_N_T = _inputs(
+        log_ratio=[[0.0, 0.0, 0.0]] * 2,
+        advantages=[1.0, 1.0],
+        mask=[[True, False, False], [True, True, True]],
+    )
+    out = grpo_loss(inputs, LossConfig(beta=0.0, aggregation=aggregation), max_tokens=4)
+    out.loss.backward()
+    torch.testing.assert_close(learner_N_T.grad, _t(grad))
+
+
+def test_token_sum_needs_max_tokens_at_least_every_length() -> None:
+    # No normaliser given, or a completion longer than max_tokens (the constant would be wrong).
+    for max_tokens in (None, 2):
+        inputs, _ = _inputs(log_ratio=[[0.0, 0.0, 0.0]], advantages=[1.0])
+        with pytest.raises(AssertionError):
+            grpo_loss(inputs, LossConfig(aggregation="token_sum"), max_tokens=max_tokens)
 
 
 @pytest.mark.parametrize(
@@ -213,3 +247,32 @@ def test_rejects_mismatched_shapes() -> None:
     for bad in (bad_advantages, bad_ref, float_mask):
         with pytest.raises(AssertionError):
             grpo_loss(bad, LossConfig())
+
+
+def test_extreme_log_ratios_are_clamped_and_counted() -> None:
+    # Token 0: ref - logp = 100 would give k3 = exp(100) - 101 (~2.7e43; exp(800) in float32 is inf).
+    # Clamped to 20: k3 = exp(20) - 20 - 1. Token 1: old - sampler = -50, clamped to -20, so
+    # w = exp(-20). Token 2: nothing extreme. Two tokens clamped out of three.
+    inputs, _ = _inputs(
+        log_ratio=[[0.0, 0.0, 0.0]],
+        advantages=[1.0],
+        ref_minus_learner=[[100.0, 0.0, 0.0]],
+        old_minus_sampler=[[0.0, -50.0, 0.0]],
+    )
+    out = grpo_loss(inputs, LossConfig(beta=1.0, tis_cap=None, max_log_ratio=20.0))
+    assert out.clamped_tokens == 2
+    k3 = math.exp(20.0) - 21.0
+    # loss_t = -w * r * A + k3_t with r = 1, A = 1: (-1 + k3) + (-exp(-20)) + (-1), over 3 tokens
+    torch.testing.assert_close(out.loss, _t((k3 - 2.0 - math.exp(-20.0)) / 3))
+    torch.testing.assert_close(out.is_weight_M, _t([1.0, math.exp(-20.0), 1.0]))
+    torch.testing.assert_close(out.sampler_gap_M, _t([0.0, 50.0, 0.0]))  # the gap itself is not clamped
+
+
+def test_clamping_keeps_float32_finite() -> None:
+    inputs, _ = _inputs(log_ratio=[[0.0, 0.0]], advantages=[1.0], ref_minus_learner=[[800.0, 0.0]])
+    inputs = dataclasses.replace(
+        inputs,
+        **{f.name: getattr(inputs, f.name).float() for f in dataclasses.fields(inputs) if f.name != "mask_N_T"},
+    )
+    out = grpo_loss(inputs, LossConfig(beta=1.0))
+    assert torch.isfinite(out.loss) and out.clamped_tokens == 1

@@ -56,7 +56,7 @@ def test_sampler_visits_every_row_once_per_epoch_and_is_seeded() -> None:
 
 
 class CharTokenizer:
-    eos_token_id, pad_token_id = 0, None
+    eos_token_id, pad_token_id, bos_token_id = 0, None, None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [ord(c) for c in text]
@@ -70,4 +70,24 @@ def test_encoder_truncation_eos_and_request() -> None:
     assert enc.prompt(UnsupervisedRow(text="abcdef")) == [ord(c) for c in "abc"]  # keeps the start
     assert enc.strip_eos([5, 6, 0]) == [5, 6] and enc.strip_eos([5, 6]) == [5, 6] and enc.strip_eos([0]) == []
     request = enc.rollout_request([[1], [2]], "policy", step=3)
-    assert (request.n, request.seed, request.adapter) == (4, 16, "policy")  # 10 + 3 steps * 2 prompts
+    # 10 + 2 earlier steps * 4 prompts per step (the default) * 4 completions each
+    assert (request.n, request.seed, request.adapter) == (4, 42, "policy")
+
+
+@pytest.mark.parametrize(("prompts_per_step", "n"), [(1, 1), (3, 4), (4, 8)])
+def test_sampling_seeds_never_repeat_within_or_across_steps(prompts_per_step: int, n: int) -> None:
+    # Completion j of prompt i samples with request.seed + i * n + j: the server gives prompt i
+    # seed + i * n (RolloutRequest.seed), and vLLM gives child j of an n > 1 request seed + j
+    # (vllm/v1/engine/parallel_sampling.py). Steps 1..5 together must use each seed once, from 10 on.
+    cfg = LearnerConfig(prompts_per_step=prompts_per_step, sampling={"n": n, "seed": 10})
+    enc = PromptEncoder(CharTokenizer(), cfg)
+    seeds = []
+    for step in range(1, 6):
+        request = enc.rollout_request([[1]] * prompts_per_step, None, step=step)
+        seeds += [request.seed + i * request.n + j for i in range(prompts_per_step) for j in range(n)]
+    assert sorted(seeds) == list(range(10, 10 + 5 * prompts_per_step * n))
+
+
+def test_no_sampling_seed_sends_none() -> None:
+    enc = PromptEncoder(CharTokenizer(), LearnerConfig())
+    assert enc.rollout_request([[1]], None, step=1).seed is None

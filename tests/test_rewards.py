@@ -9,9 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from learner.advantages import group_normalize
 from learner.rewards import (
     answer_perplexity_rewards,
     completion_cross_entropy_rewards,
+    floor_empty_rewards,
     unsupervised_rewards,
 )
 
@@ -63,6 +65,49 @@ def test_unsupervised_empty_row_gets_empty_reward(nll: list[float], empty_reward
     mask_N_T = torch.zeros(1, len(nll), dtype=torch.bool)
     rewards_N = unsupervised_rewards(_row(nll), mask_N_T, empty_reward=empty_reward)
     assert rewards_N.item() == empty_reward
+
+
+# --- unsupervised: an empty completion scores below its group's worst non-empty one ------------
+
+
+@pytest.mark.parametrize(
+    ("rewards", "empty", "margin", "expected"),
+    [
+        ([[-2.0, -3.0, -20.0]], [[F, F, T]], 1.0, [[-2.0, -3.0, -4.0]]),  # worst non-empty -3, minus 1
+        ([[-2.0, -20.0, -20.0]], [[F, T, T]], 1.0, [[-2.0, -3.0, -3.0]]),  # every empty gets the floor
+        ([[-2.0, -20.0]], [[F, T]], 0.0, [[-2.0, -2.0]]),  # margin 0: ties with the worst
+        ([[-20.0, -20.0]], [[T, T]], 1.0, [[-20.0, -20.0]]),  # all empty: kept, equal, zero advantage
+        ([[-2.0, -3.0]], [[F, F]], 1.0, [[-2.0, -3.0]]),  # nothing empty: unchanged
+        ([[-1.0, -20.0], [-5.0, -20.0]], [[F, T], [F, T]], 0.5, [[-1.0, -1.5], [-5.0, -5.5]]),  # per group
+        ([[0.0, NAN]], [[F, T]], 1.0, [[0.0, -1.0]]),  # whatever the empty slot held is replaced
+        ([[-1e12, -20.0]], [[F, T]], 1.0, [[-1e12, -1e12 - 1.0]]),  # huge magnitudes: exact in float64
+    ],
+)
+def test_floor_empty_rewards_cases(
+    rewards: list[list[float]], empty: list[list[bool]], margin: float, expected: list[list[float]]
+) -> None:
+    rewards_P_G = torch.tensor(rewards, dtype=torch.float64)
+    floored_P_G = floor_empty_rewards(rewards_P_G, torch.tensor(empty), margin=margin)
+    torch.testing.assert_close(floored_P_G, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_floor_empty_rewards_empty_batch() -> None:
+    rewards_P_G = torch.zeros(0, 4)
+    assert floor_empty_rewards(rewards_P_G, torch.zeros(0, 4, dtype=torch.bool), margin=1.0).shape == (0, 4)
+
+
+def test_floor_keeps_the_other_completions_advantages_full_size() -> None:
+    # Group of -mean NLLs [-2, -3, -4] and one empty completion. Population std, eps 0 here:
+    #   fixed -20: mean -7.25, std sqrt((5.25^2 + 4.25^2 + 3.25^2 + 12.75^2) / 4) = sqrt(54.6875),
+    #     so -2 vs -4 differ by 2 / 7.3951 = 0.27 in advantage;
+    #   floor -4 - 1 = -5: mean -3.5, std sqrt((1.5^2 + 0.5^2 + 0.5^2 + 1.5^2) / 4) = sqrt(1.25),
+    #     so they differ by 2 / 1.1180 = 1.79, about 6.6x more.
+    rewards_P_G = torch.tensor([[-2.0, -3.0, -4.0, -20.0]], dtype=torch.float64)
+    empty_P_G = torch.tensor([[F, F, F, T]])
+    fixed_P_G = group_normalize(rewards_P_G, eps=0.0, scale_by_std=True)
+    floored_P_G = group_normalize(floor_empty_rewards(rewards_P_G, empty_P_G, margin=1.0), eps=0.0, scale_by_std=True)
+    torch.testing.assert_close(fixed_P_G[0, 0] - fixed_P_G[0, 2], torch.tensor(2 / 54.6875**0.5, dtype=torch.float64))
+    torch.testing.assert_close(floored_P_G[0, 0] - floored_P_G[0, 2], torch.tensor(2 / 1.25**0.5, dtype=torch.float64))
 
 
 # --- supervised, answer_perplexity: coverage * likelihood of the answer ------------------------

@@ -33,8 +33,8 @@ def cfg(tmp_path: Path) -> ServerConfig:
 
 
 @pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
+def engine(cfg: ServerConfig) -> FakeEngine:
+    return FakeEngine(max_model_len=cfg.max_model_len)
 
 
 @pytest.fixture
@@ -54,8 +54,8 @@ def test_rollout_returns_n_completions_per_prompt_with_base_version(client: Test
     assert body["adapter"] is None and body["policy_version"] == 0
     assert [r["prompt_token_ids"] for r in body["results"]] == [[97, 98], [99]]
     assert [len(r["completions"]) for r in body["results"]] == [3, 3]
-    # prompt i gets seed + i
-    assert [r["completions"][0]["token_ids"][2] for r in body["results"]] == [10, 11]
+    # prompt i gets seed + i * n, so vLLM's children (seed + j, j < n) of two prompts never meet
+    assert [r["completions"][0]["token_ids"][2] for r in body["results"]] == [10, 13]
 
 
 @pytest.mark.parametrize(
@@ -75,6 +75,15 @@ def test_out_of_bounds_requests_get_a_clear_422(client: TestClient, body: dict, 
     r = client.post("/v1/rollouts", json={"prompts": ["hi"], "max_tokens": 3, **body})
     assert r.status_code == 422
     assert needle in r.text
+
+
+def test_length_bound_is_the_engines_when_the_config_leaves_it_to_the_model(cfg: ServerConfig) -> None:
+    # max_model_len None: the engine's own limit (vLLM derives it from the model) bounds requests.
+    cfg = cfg.model_copy(update={"max_model_len": None})
+    with TestClient(build_app(cfg, api_key="", engine_factory=lambda _: FakeEngine(max_model_len=32))) as client:
+        r = client.post("/v1/rollouts", json={"prompts": ["x" * 30], "max_tokens": 3, "n": 1})
+        assert r.status_code == 422 and "max_model_len=32" in r.text  # 30 + 3 > 32
+        assert client.post("/v1/rollouts", json={"prompts": ["x" * 29], "max_tokens": 3, "n": 1}).status_code == 200
 
 
 def test_adapter_versions_swap_and_old_version_is_removed(

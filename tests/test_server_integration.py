@@ -68,6 +68,40 @@ def test_k_completions_with_token_ids_and_logprobs(server: str) -> None:
     ]  # same seed, same samples
 
 
+def test_identical_prompts_sample_distinct_streams(server: str) -> None:
+    # Two prompts with the same token ids in one seeded request. With prompt i at seed + i and
+    # vLLM's child j at seed + j, prompt 1's children 0..2 replayed prompt 0's children 1..3.
+    # Seeds strided by n give 8 different streams; on the random-weight model (next tokens near
+    # uniform over 1024) 8 completions of 6 tokens are then all different.
+    body = {"prompts": ["the cat", "the cat"], "n": 4, "max_tokens": 6, "seed": 0}
+    response = httpx.post(f"{server}/v1/rollouts", json=body, timeout=120).json()
+    first, second = ([tuple(c["token_ids"]) for c in r["completions"]] for r in response["results"])
+    assert first[1:] != second[:-1]
+    assert len(set(first) | set(second)) == 8
+
+
+def test_the_servers_text_and_chat_paths_tokenize_as_the_learner_does(server: str, tiny_model_dir: Path) -> None:
+    """A conversation goes through the chat template with the generation prompt on both sides, and a
+    text gets the same ids the learner sends (the learner always sends token ids)."""
+    from transformers import AutoTokenizer
+
+    from learner.prompts import PromptEncoder, SupervisedRow
+    from shared.config import LearnerConfig
+
+    conversation = [{"role": "system", "content": "add"}, {"role": "user", "content": "12+7="}]
+    body = {"prompts": [conversation, "12+7="], "n": 1, "max_tokens": 2, "temperature": 0}
+    r = httpx.post(f"{server}/v1/rollouts", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    chat, text = r.json()["results"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encode = PromptEncoder(tokenizer, LearnerConfig(mode="supervised"))
+    learner_ids = encode.prompt(SupervisedRow(prompt=conversation, answer="19"))
+    assert chat["prompt_token_ids"] == learner_ids
+    assert tokenizer.decode(learner_ids).endswith("<|im_start|>assistant\n")  # the generation prompt
+    assert chat["prompt"] == conversation
+    assert text["prompt_token_ids"] == encode.prompt(SupervisedRow(prompt="12+7=", answer="19"))
+
+
 def test_adapter_changes_outputs_and_hot_swap_changes_them_again(server: str) -> None:
     base_ids, base = greedy(server)
     assert base["policy_version"] == 0

@@ -1,0 +1,27 @@
+"""How a prompt becomes token ids: one rule for the server's text path and the learner.
+
+It needs only the tokenizer's own methods (duck-typed), so `shared` keeps to pydantic and the
+stdlib.
+"""
+
+from __future__ import annotations
+
+from shared.schemas import Prompt
+
+
+def prompt_token_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """A prompt's token ids, for the server's text path and the learner alike.
+
+    A text gets the tokenizer's BOS token exactly when its encoder adds one (Llama, Mistral and
+    Gemma do; Qwen does not) and no end-of-sequence token. A conversation is rendered by the chat
+    template with the generation prompt, then tokenized without special tokens: templates write
+    their own BOS.
+    """
+    if isinstance(prompt, list):
+        messages = [m.model_dump() for m in prompt]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos]
+    return [bos, *ids] if adds_bos else ids

