@@ -90,7 +90,7 @@ def train(cfg: LearnerConfig) -> Path | None:
 
     from learner import loop
     from learner.local_server import local_rollout_server, server_flags
-    from learner.model import load_policy, loads_in_4bit, served_base, with_model_sampling_defaults
+    from learner.model import load_policy, loads_in_4bit, served_base, server_dtype, with_model_sampling_defaults
     from learner.rollout_client import RolloutClient
 
     cfg = with_model_sampling_defaults(cfg, model_dir)
@@ -110,7 +110,10 @@ def train(cfg: LearnerConfig) -> Path | None:
             log.info("starting a local rollout server for %s (log: %s)", served, server_log)
             url = stack.enter_context(
                 local_rollout_server(
-                    served, cfg.output_dir / "adapters", log_path=server_log, extra_args=server_flags(cfg.server)
+                    served,
+                    cfg.output_dir / "adapters",
+                    log_path=server_log,
+                    extra_args=server_flags({"dtype": server_dtype(), **cfg.server}),
                 )
             )
         elif loads_in_4bit(cfg):

