@@ -26,7 +26,7 @@ def run(cfg: LearnerConfig, rows: list[Row], policy: PeftModel, tokenizer, clien
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
     prompts = PromptSampler(rows, cfg.prompts_per_step, cfg.seed)
-    encode = PromptEncoder(tokenizer, cfg, eos_ids=eos_token_ids(policy, tokenizer))
+    encode = PromptEncoder(tokenizer, cfg, eos_ids=eos_token_ids(policy.generation_config, tokenizer))
     adapter_root = cfg.output_dir / "adapters"
     log = RunLog(cfg.output_dir, cfg.steps, sample_every=cfg.sample_every)
     adapter, version, saved = None, 0, None  # step 1 samples the base: a fresh LoRA is a no-op

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from shared.config import LearnerConfig
 
@@ -34,10 +34,10 @@ def with_model_sampling_defaults(cfg: LearnerConfig, model_dir: str) -> LearnerC
     return cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"stop": stop})})
 
 
-def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+def eos_token_ids(generation_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """Every token id vLLM stops on: the tokenizer's EOS and each of the generation config's
     (Qwen2.5-Instruct has two, Llama-3.1-Instruct three)."""
-    ids = model.generation_config.eos_token_id
+    ids = generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     return frozenset(i for i in [tokenizer.eos_token_id, *ids] if i is not None)
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from learner import loop
 from learner.local_server import local_rollout_server
 from learner.logprobs import Sequence, scored_logprobs, scored_mask
-from learner.model import load_policy
+from learner.model import eos_token_ids, load_policy
 from learner.prompts import PromptEncoder, UnsupervisedRow, load_rows
 from learner.rollout_client import RolloutClient
 from learner.tiny_model import EOS_TOKEN, FAMILIES, FAMILY_TOKENS, MANIFEST, build_tiny_model, is_built
@@ -257,7 +257,10 @@ def test_the_learner_strips_every_eos_id_vllm_stops_on(built: dict[str, Path]) -
     # <|eot_id|>, not on the tokenizer's eos).
     model_dir = built["llama"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encode = PromptEncoder(tokenizer, learner_config(model_dir.parent))
+    generation_config = GenerationConfig.from_pretrained(model_dir)
+    encode = PromptEncoder(
+        tokenizer, learner_config(model_dir.parent), eos_ids=eos_token_ids(generation_config, tokenizer)
+    )
     text_ids = tokenizer.encode("The cat saw a dog.", add_special_tokens=False)
     eos_ids = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
     assert len(eos_ids) == 2
