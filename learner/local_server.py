@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from shared.cli import flag_name
 from shared.errors import ServerStartError
 
 
@@ -129,9 +130,9 @@ def server_flags(settings: Mapping[str, Any]) -> list[str]:
     """
     flags = []
     for name, value in settings.items():
-        flag = "--" + name.replace("_", "-")
         if value is None:
             continue
+        flag = flag_name(name)
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + flag[2:])
         else:

@@ -25,7 +25,7 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], pre
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             add_model_flags(parser, annotation, dest + ".")
             continue
-        flag = "--" + dest.replace(".", "-").replace("_", "-")
+        flag = flag_name(dest)
         default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
         help_text = f"{field.description or ''} ({default})".replace("%", "%%")
         kind, choices = _scalar(annotation)
@@ -36,6 +36,11 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], pre
         else:
             parser_ = group.add_argument(flag, dest=dest, type=kind, choices=choices, help=help_text)
         parser_.default = argparse.SUPPRESS
+
+
+def flag_name(dest: str) -> str:
+    """The flag of a (dotted) field name: `loss.beta` -> `--loss-beta`, `max_model_len` -> `--max-model-len`."""
+    return "--" + dest.replace(".", "-").replace("_", "-")
 
 
 def given_overrides(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
