@@ -18,6 +18,7 @@ import httpx
 
 from shared.cli import flag_name
 from shared.errors import ServerStartError
+from shared.lifeline import die_with_parent
 
 
 def free_port() -> int:
@@ -51,17 +52,23 @@ def local_rollout_server(
     cmd += ["--port", str(port), "--adapter-root", str(adapter_root), *extra_args]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # a learner killed with SIGKILL takes its server along
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(proc, url, log_path, log_start, startup_timeout_s)
+        wait_healthy(proc, url, log_path, log_start, startup_timeout_s)
         yield url
     finally:
         _stop(proc)
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, log_start: int, timeout_s: float) -> None:
+def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, log_start: int, timeout_s: float) -> None:
+    """Return once `url`/health answers 200; ServerStartError if `proc` exits or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -1,59 +1,59 @@
 """Checks an adapter directory before vLLM sees it.
 
 A refused adapter must leave the serving one untouched, so everything that can be checked on disk
-is checked here, where a failure is a clean 4xx, rather than inside the engine process.
+is checked here, where a failure is a clean 4xx, rather than inside the engine process. Messages
+name the lora_path as the client gave it, never a host path.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
 
 from shared.errors import AdapterLoadError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
+MAX_ADAPTER_WEIGHT = 1e4
+"""Largest |w| an adapter may hold. Trained LoRA weights are orders of magnitude smaller; above this
+the training diverged, and vLLM would sample garbage (or NaN) from it."""
+_MAX_CONFIG_BYTES = 2**20  # adapter_config.json is a few hundred bytes
+
 # peft tensor names end in "<module>.lora_A.weight" / "<module>.lora_B.weight".
 _LORA_KEY = re.compile(r"\.(?P<module>[a-z_]+)\.lora_(?P<ab>[AB])(?:\.[a-z_]+)?\.weight$")
 
 
-def resolve_adapter_dir(adapter_root: Path, lora_path: str) -> Path:
-    """The adapter directory `lora_path` names, if it lies under `adapter_root`.
+def check_adapter(adapter_root: Path, lora_path: str, *, base_config: dict, max_rank: int) -> Path:
+    """The directory `lora_path` names (relative to `adapter_root`, or absolute), if it holds a peft
+    safetensors LoRA of this base with rank <= max_rank and finite weights no larger than
+    MAX_ADAPTER_WEIGHT; AdapterLoadError otherwise.
 
-    Relative paths are taken relative to the root. Symlinks are resolved before the check, so
-    neither `..` nor a link can leave the root.
+    Symlinks are resolved before the root check, for the directory and for each file in it, so
+    neither `..` nor a link (to the directory or to a file) can leave the root.
     """
     root = adapter_root.resolve()
-    path = (root / lora_path).resolve()
-    if not path.is_relative_to(root):
-        raise AdapterLoadError(f"lora_path {lora_path!r} is outside the adapter root {root}")
+    where = f"lora_path {lora_path!r}"
+    path = _resolve_under(root, Path(lora_path), where)
     if not path.is_dir():
-        raise AdapterLoadError(f"lora_path {lora_path!r}: no such adapter directory under {root}")
-    return path
-
-
-def validate_adapter_dir(path: Path, *, base_config: dict, max_rank: int) -> None:
-    """Refuse adapters that are not peft safetensors LoRAs of this base with rank <= max_rank."""
+        raise AdapterLoadError(f"{where}: no such adapter directory under the adapter root")
+    for entry in sorted(path.iterdir()):  # vLLM may read any of them (new_embeddings.*, ...)
+        _resolve_under(root, entry, f"{where}: {entry.name}")
     config_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     if not config_file.is_file():
-        raise AdapterLoadError(f"{path}: missing {ADAPTER_CONFIG} (not a peft adapter)")
+        raise AdapterLoadError(f"{where}: missing {ADAPTER_CONFIG} (not a peft adapter)")
     if not weights_file.is_file():
         found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-        raise AdapterLoadError(f"{path}: missing {ADAPTER_WEIGHTS}; only safetensors adapters are read (found {found})")
-    try:
-        adapter_config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterLoadError(f"{config_file}: invalid JSON ({e})") from e
-    if adapter_config.get("peft_type") != "LORA":
-        raise AdapterLoadError(f"{config_file}: peft_type is {adapter_config.get('peft_type')!r}, not 'LORA'")
-    rank = adapter_config.get("r")
-    if not isinstance(rank, int) or not 0 < rank <= max_rank:
-        raise AdapterLoadError(f"{config_file}: rank r={rank!r} exceeds the server's max_lora_rank={max_rank}")
+        raise AdapterLoadError(
+            f"{where}: missing {ADAPTER_WEIGHTS}; only safetensors adapters are read (found {found})"
+        )
+    rank = _lora_rank(config_file, f"{where}: {ADAPTER_CONFIG}", max_rank)
     expected = _projection_shapes(base_config)
-    for key, shape in _safetensors_shapes(weights_file).items():
+    for key, shape in _checked_tensor_shapes(weights_file, f"{where}: {ADAPTER_WEIGHTS}").items():
         match = _LORA_KEY.search(key)
         if match is None or match["module"] not in expected:
             continue
@@ -61,9 +61,78 @@ def validate_adapter_dir(path: Path, *, base_config: dict, max_rank: int) -> Non
         want = [rank, in_features] if match["ab"] == "A" else [out_features, rank]
         if shape != want:
             raise AdapterLoadError(
-                f"{weights_file}: tensor {key} has shape {shape}, this base needs {want} "
+                f"{where}: {ADAPTER_WEIGHTS}: tensor {key} has shape {shape}, this base needs {want} "
                 "(adapter trained on another base model, or rank differs from adapter_config.json)"
             )
+    return path
+
+
+def shown_path(adapter_root: Path, path: str | Path) -> str:
+    """An adapter directory as answers show it: relative to the adapter root, not a host path."""
+    return Path(path).relative_to(adapter_root.resolve()).as_posix()
+
+
+def _resolve_under(root: Path, path: Path, what: str) -> Path:
+    """`root / path` with every symlink resolved, if that lies under `root`."""
+    if "\x00" in str(path):
+        raise AdapterLoadError(f"{what}: the path holds a NUL byte")
+    try:
+        resolved = (root / path).resolve()
+    except RuntimeError as e:  # Python 3.11-3.12 raise RuntimeError("Symlink loop from ...")
+        raise AdapterLoadError(f"{what}: cannot be resolved (a symlink loop)") from e
+    except OSError as e:  # ELOOP on 3.13+, ENAMETOOLONG, EACCES, ...
+        raise AdapterLoadError(f"{what}: cannot be resolved ({e.strerror})") from e
+    if not resolved.is_relative_to(root):
+        raise AdapterLoadError(f"{what} is outside the adapter root (after following symlinks)")
+    return resolved
+
+
+def _lora_rank(config_file: Path, what: str, max_rank: int) -> int:
+    """The rank `r` of a LORA adapter_config.json, if 1 <= r <= max_rank."""
+    if config_file.stat().st_size > _MAX_CONFIG_BYTES:
+        raise AdapterLoadError(f"{what} is over {_MAX_CONFIG_BYTES} bytes")
+    try:
+        adapter_config = json.loads(config_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise AdapterLoadError(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise AdapterLoadError(f"{what}: invalid JSON ({e})") from e
+    if not isinstance(adapter_config, dict):
+        raise AdapterLoadError(f"{what} is not a JSON object")
+    if adapter_config.get("peft_type") != "LORA":
+        raise AdapterLoadError(f"{what}: peft_type is {adapter_config.get('peft_type')!r}, not 'LORA'")
+    rank = adapter_config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank <= max_rank:
+        raise AdapterLoadError(f"{what}: rank r={rank!r} is not in 1 .. the server's max_lora_rank={max_rank}")
+    return rank
+
+
+def _checked_tensor_shapes(weights_file: Path, what: str) -> dict[str, list[int]]:
+    """Each tensor's shape, once its values are known finite and within +-MAX_ADAPTER_WEIGHT.
+
+    safetensors' own parser checks the header (a JSON object; each entry's dtype, shape and offsets
+    consistent with the file). Reading every tensor is cheap: adapters are small.
+    """
+    shapes = {}
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is no dict: it has no __iter__)
+                tensor = f.get_tensor(key)
+                shapes[key] = list(tensor.shape)
+                if not tensor.is_floating_point() or tensor.numel() == 0:
+                    continue
+                if not torch.isfinite(tensor).all():
+                    raise AdapterLoadError(f"{what}: tensor {key} holds NaN or infinite values")
+                peak = tensor.abs().max().item()
+                if peak > MAX_ADAPTER_WEIGHT:
+                    raise AdapterLoadError(
+                        f"{what}: tensor {key} holds |w| = {peak:.3g}, over {MAX_ADAPTER_WEIGHT:g} (a diverged run?)"
+                    )
+    except SafetensorError as e:
+        raise AdapterLoadError(f"{what} is not a safetensors file ({e})") from e
+    except OSError as e:
+        raise AdapterLoadError(f"{what} cannot be read ({e.strerror})") from e
+    return shapes
 
 
 def _projection_shapes(base_config: dict) -> dict[str, tuple[int, int]]:
@@ -82,19 +151,3 @@ def _projection_shapes(base_config: dict) -> dict[str, tuple[int, int]]:
         "up_proj": (hidden, inter),
         "down_proj": (inter, hidden),
     }
-
-
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header (8-byte little-endian length, then JSON)."""
-    with path.open("rb") as f:
-        header = f.read(8)
-        if len(header) != 8:
-            raise AdapterLoadError(f"{path}: not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", header)
-        if length > 100_000_000:
-            raise AdapterLoadError(f"{path}: not a safetensors file (header length {length})")
-        try:
-            meta = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AdapterLoadError(f"{path}: not a safetensors file ({e})") from e
-    return {k: v["shape"] for k, v in meta.items() if k != "__metadata__"}

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from rollout_server.engine import RolloutEngine, VllmEngine
-from rollout_server.routes import public, router
+from rollout_server.guard import RequestGuard
+from rollout_server.routes import router
 from rollout_server.service import RolloutService
 from shared.config import ServerConfig
 from shared.errors import (
+    AdapterBusyError,
     AdapterLoadError,
     AdapterNotFoundError,
+    EngineDeadError,
     InvalidRequestError,
+    PayloadTooLargeError,
     SampleNotFoundError,
     ServerAsleepError,
+    UnauthorizedError,
 )
 
 log = logging.getLogger("rollout_server")
@@ -27,10 +35,15 @@ log = logging.getLogger("rollout_server")
 # Domain errors -> HTTP, in one place.
 _STATUS = {
     ServerAsleepError: 503,
+    EngineDeadError: 503,
+    AdapterBusyError: 409,
     AdapterLoadError: 400,
     AdapterNotFoundError: 404,
     SampleNotFoundError: 404,
     InvalidRequestError: 422,
+    RequestValidationError: 422,  # the schema refused the request
+    UnauthorizedError: 401,  # raised in RequestGuard, before routing
+    PayloadTooLargeError: 413,  # likewise
 }
 
 
@@ -39,33 +52,84 @@ def build_app(
     *,
     api_key: str | None = None,
     engine_factory: Callable[[ServerConfig], RolloutEngine] = VllmEngine,
+    on_engine_death: Callable[[FastAPI, str], None] | None = None,
 ) -> FastAPI:
     """The rollout server. `api_key` (default: $ROLLOUT_API_KEY; empty = none) guards every route but /health.
 
     `engine_factory` builds the engine inside the lifespan; tests of the HTTP layer pass a fake.
+    `on_engine_death(app, reason)` runs once when the engine dies: the CLI has uvicorn shut down
+    (answering what is in flight) and exit with ENGINE_DEAD_EXIT_CODE, for a supervisor to restart
+    the server. By default this process gets SIGTERM.
     """
+    on_engine_death = on_engine_death or _exit_nonzero
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = engine_factory(cfg)
-        app.state.service = RolloutService(cfg, engine)
+        app.state.service = service = RolloutService(cfg, engine)
         log.info("engine ready on %s; serving %s", engine.device, cfg.model)
+        watchdog = asyncio.create_task(_watch_engine(service, lambda reason: on_engine_death(app, reason)))
         try:
             yield
         finally:
+            watchdog.cancel()
+            await service.samples.close()  # the sample file gets every line already queued
             engine.shutdown()
 
     app = FastAPI(title="GRPO rollout server", version="0.1.0", lifespan=lifespan)
-    app.state.api_key = (api_key if api_key is not None else os.environ.get("ROLLOUT_API_KEY")) or None
-    app.include_router(public)
+    key = (api_key if api_key is not None else os.environ.get("ROLLOUT_API_KEY")) or None
+    app.add_middleware(RequestGuard, api_key=key, max_body_bytes=cfg.max_body_bytes, status=_STATUS)
     app.include_router(router)
 
     def handler(status: int) -> Callable[[Request, Exception], JSONResponse]:
         def respond(_: Request, exc: Exception) -> JSONResponse:
-            return JSONResponse({"detail": str(exc)}, status_code=status)
+            return JSONResponse({"detail": _detail(exc)}, status_code=status)
 
         return respond
 
     for exc_type, status in _STATUS.items():
         app.add_exception_handler(exc_type, handler(status))
     return app
+
+
+_MAX_SHOWN_ERRORS = 10
+_MAX_LOC_CHARS = 64  # an extra key's name is echoed, and may be megabytes long
+_MAX_DETAIL_CHARS = 2000
+
+
+def _detail(exc: Exception) -> str:
+    """The error as one line of text that always serializes.
+
+    A schema refusal lists where and why, never the input: FastAPI's default 422 echoes it, and an
+    echoed NaN or lone surrogate cannot be written as JSON (a 500, and a reset keep-alive connection).
+    """
+    if isinstance(exc, RequestValidationError):
+        errors = exc.errors()
+        shown = ["{}: {}".format(".".join(_cut(str(part)) for part in e["loc"]), e["msg"]) for e in errors]
+        text = "; ".join(shown[:_MAX_SHOWN_ERRORS])
+        if len(shown) > _MAX_SHOWN_ERRORS:
+            text += f"; and {len(shown) - _MAX_SHOWN_ERRORS} more errors"
+    else:
+        text = str(exc)
+    text = _cut(text, _MAX_DETAIL_CHARS)
+    # A field name from the request (an extra key) may hold a lone surrogate.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _cut(text: str, limit: int = _MAX_LOC_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+ENGINE_DEAD_EXIT_CODE = 3
+
+
+async def _watch_engine(service: RolloutService, on_death: Callable[[str], None], period_s: float = 1.0) -> None:
+    """Poll the engine's health; on its death, log the reason and call `on_death` once."""
+    while (reason := service.dead_reason()) is None:
+        await asyncio.sleep(period_s)
+    log.error("%s: shutting down so that a supervisor restarts the server", reason)
+    on_death(reason)
+
+
+def _exit_nonzero(app: FastAPI, reason: str) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)

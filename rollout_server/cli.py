@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from shared.cli import add_model_flags, given_overrides
 from shared.config import ServerConfig
+from shared.lifeline import die_with_parent, is_multiprocessing_child
+
+if is_multiprocessing_child():
+    # vLLM's engine core is spawned by this module's process and imports it as __mp_main__: have
+    # it die with the server, even one killed with SIGKILL (which runs no cleanup).
+    die_with_parent()
 
 
 def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
@@ -34,10 +41,23 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn
+    from fastapi import FastAPI
 
-    from rollout_server.app import build_app
+    from rollout_server.app import ENGINE_DEAD_EXIT_CODE, build_app
 
-    uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level=log_level)
+    exit_code = 0
+
+    def on_engine_death(app: FastAPI, reason: str) -> None:
+        nonlocal exit_code
+        exit_code = ENGINE_DEAD_EXIT_CODE
+        server.should_exit = True  # uvicorn's graceful shutdown, as on SIGTERM
+
+    app = build_app(cfg, on_engine_death=on_engine_death)
+    # SIGTERM drains requests in flight, for at most a minute.
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level, timeout_graceful_shutdown=60)
+    server = uvicorn.Server(config)
+    server.run()
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,28 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shared.config import ServerConfig
-from shared.errors import InvalidRequestError
+from shared.errors import EngineDeadError, InvalidRequestError
 from shared.prompts import prompt_token_ids
 from shared.schemas import Completion, Prompt, RolloutRequest
 
 
 @dataclass(frozen=True)
 class LoraHandle:
-    """One loaded adapter version as the engine knows it: vLLM keys adapters by `int_id`."""
+    """One loaded adapter version as the engine knows it, by `int_id`."""
 
     name: str
     int_id: int
     path: str
+
+    @property
+    def engine_name(self) -> str:
+        """The version's own name in the engine, `name#int_id`.
+
+        vLLM's LoRARequest hashes and compares by name only: two versions under one name merge in
+        the worker's set of active adapters, and with requests in flight on both the engine dies
+        (KeyError in punica_wrapper). A name per version keeps them apart.
+        """
+        return f"{self.name}#{self.int_id}"
 
 
 class RolloutEngine(Protocol):
@@ -33,6 +43,8 @@ class RolloutEngine(Protocol):
     max_model_len: int
     """Longest prompt + completion the engine serves: ServerConfig.max_model_len, or when that is
     None the model's own limit."""
+    vocab_size: int
+    """Token ids a prompt may hold are 0 .. vocab_size - 1."""
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: a text as the tokenizer encodes it (BOS when it adds one), or a
@@ -64,6 +76,10 @@ class RolloutEngine(Protocol):
 
     async def wake_up(self, level: int) -> None:
         """Undo `sleep(level)`; after level 2 the weights are reloaded from disk."""
+        ...
+
+    def dead_reason(self) -> str | None:
+        """Why the engine can no longer serve (its process died, its loop failed); None while it lives."""
         ...
 
     def shutdown(self) -> None:
@@ -101,6 +117,9 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(args)
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len  # derived by vLLM when cfg's is None
+        # vLLM's own bound on prompt ids: the model's embedding rows or the tokenizer's ids, whichever
+        # is larger (Qwen's embeddings have rows no token uses).
+        self.vocab_size = max(self._llm.model_config.get_vocab_size(), self._tokenizer.max_token_id + 1)
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         return prompt_token_ids(self._tokenizer, prompt)
@@ -117,6 +136,7 @@ class VllmEngine:
         from vllm.exceptions import VLLMValidationError
         from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
         try:
             params = SamplingParams(
@@ -133,15 +153,19 @@ class VllmEngine:
             )
         except VLLMValidationError as e:
             raise InvalidRequestError(str(e)) from e
-        lora_request = LoRARequest(lora.name, lora.int_id, lora.path) if lora else None
+        lora_request = LoRARequest(lora.engine_name, lora.int_id, lora.path) if lora else None
         final = None
-        async for output in self._llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_token_ids),
-            params,
-            request_id,
-            lora_request=lora_request,
-        ):
-            final = output
+        try:
+            # Cancelling this coroutine (a sibling failed, the client left) aborts the request in vLLM.
+            async for output in self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_token_ids),
+                params,
+                request_id,
+                lora_request=lora_request,
+            ):
+                final = output
+        except VllmEngineDeadError as e:
+            raise EngineDeadError(self.dead_reason() or "the vLLM engine core is dead") from e
         assert final is not None and len(final.outputs) == request.n, "vLLM lost completions"
         return [
             Completion(
@@ -156,7 +180,7 @@ class VllmEngine:
     async def add_lora(self, lora: LoraHandle) -> None:
         from vllm.lora.request import LoRARequest
 
-        if not await self._llm.add_lora(LoRARequest(lora.name, lora.int_id, lora.path)):
+        if not await self._llm.add_lora(LoRARequest(lora.engine_name, lora.int_id, lora.path)):
             raise RuntimeError(f"vLLM refused adapter {lora.name!r} at {lora.path}")
 
     async def remove_lora(self, int_id: int) -> None:
@@ -173,6 +197,11 @@ class VllmEngine:
             # Level 2 discarded the weights; bring them back from the model directory.
             await self._llm.collective_rpc("reload_weights")
         await self._llm.reset_prefix_cache()
+
+    def dead_reason(self) -> str | None:
+        if not self._llm.errored:
+            return None
+        return "the vLLM engine core is dead (its process exited or its output loop failed; traceback in this log)"
 
     def shutdown(self) -> None:
         self._llm.shutdown()

@@ -1,14 +1,17 @@
-"""HTTP routes: validate, call the service, return a schema. Errors map to HTTP in app.py."""
+"""HTTP routes: validate, call the service, return a schema. Errors map to HTTP in app.py; the API
+key and the body size are checked before routing, in guard.py."""
 
 from __future__ import annotations
 
-import secrets
-from typing import Annotated
+import asyncio
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rollout_server.service import RolloutService
+from shared.errors import EngineDeadError
 from shared.schemas import (
     AdapterInfo,
     HealthResponse,
@@ -23,6 +26,8 @@ from shared.schemas import (
     UnloadLoraAdapterRequest,
 )
 
+T = TypeVar("T")
+
 
 def get_service(request: Request) -> RolloutService:
     """The service the app's lifespan created."""
@@ -32,28 +37,42 @@ def get_service(request: Request) -> RolloutService:
 ServiceDep = Annotated[RolloutService, Depends(get_service)]
 
 
-def require_api_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-    """With an API key configured, demand `Authorization: Bearer <key>`."""
-    expected: str | None = request.app.state.api_key
-    if expected is None:
-        return
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
-        raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer <ROLLOUT_API_KEY>')")
+router = APIRouter()
 
 
-public = APIRouter()
-router = APIRouter(dependencies=[Depends(require_api_key)])
-
-
-@public.get("/health")
+@router.get("/health")
 async def health(service: ServiceDep) -> HealthResponse:
+    if (reason := service.dead_reason()) is not None:
+        raise EngineDeadError(reason)
     return HealthResponse(is_sleeping=service.sleep_state().is_sleeping)
 
 
 @router.post("/v1/rollouts")
-async def rollouts(body: RolloutRequest, service: ServiceDep) -> RolloutResponse:
-    return await service.rollout(body)
+async def rollouts(body: RolloutRequest, service: ServiceDep, request: Request) -> RolloutResponse:
+    return await _cancelled_on_disconnect(request, service.rollout(body))
+
+
+async def _cancelled_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (vLLM then aborts its requests).
+
+    The body has been read, so the next ASGI message is the disconnect (or comes after the response).
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not task.cancelled() or asyncio.current_task().cancelling():
+            raise  # this handler itself was cancelled
+        raise HTTPException(499, "the client disconnected; its rollout was aborted") from None
+    finally:
+        watcher.cancel()
 
 
 @router.post("/v1/load_lora_adapter")
@@ -73,8 +92,12 @@ async def models(service: ServiceDep) -> ModelsResponse:
 
 
 @router.post("/sleep")
-async def sleep(service: ServiceDep, level: Annotated[int, Query(ge=1, le=2)] = 1) -> SleepState:
-    return await service.sleep(level)
+async def sleep(
+    service: ServiceDep,
+    level: Annotated[int, Query(ge=1, le=2)] = 1,
+    lease_s: Annotated[float | None, Query(gt=0, le=86_400, description="wake by itself after this")] = None,
+) -> SleepState:
+    return await service.sleep(level, lease_s)
 
 
 @router.post("/wake_up")
@@ -98,7 +121,7 @@ async def samples(
 
 @router.post("/v1/samples/{rollout_id}/scores")
 async def post_scores(rollout_id: str, body: SampleScores, service: ServiceDep) -> SampleRecord:
-    return service.samples.attach_scores(rollout_id, body)
+    return await service.samples.attach_scores(rollout_id, body)
 
 
 @router.get("/metrics")

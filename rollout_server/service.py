@@ -7,7 +7,9 @@ followed by a state change with no `await` between them is atomic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 import uuid
 from collections import Counter
@@ -18,18 +20,21 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
-from rollout_server.adapters import resolve_adapter_dir, validate_adapter_dir
+from rollout_server.adapters import check_adapter, shown_path
 from rollout_server.engine import LoraHandle, RolloutEngine
 from rollout_server.samples import SampleStore
 from shared.config import ServerConfig
 from shared.errors import (
+    AdapterBusyError,
     AdapterLoadError,
     AdapterNotFoundError,
+    EngineDeadError,
     InvalidRequestError,
     ServerAsleepError,
 )
 from shared.schemas import (
     AdapterInfo,
+    Completion,
     LoadLoraAdapterRequest,
     ModelCard,
     PromptRollout,
@@ -39,6 +44,8 @@ from shared.schemas import (
     SleepState,
     prompt_chars,
 )
+
+log = logging.getLogger("rollout_server")
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class _Metrics:
         self.completions = PromCounter("rollout_completions", "Completions generated", registry=self.registry)
         self.tokens = PromCounter("rollout_generated_tokens", "Completion tokens generated", registry=self.registry)
         self.latency = Histogram("rollout_latency_seconds", "Rollout request latency", registry=self.registry)
+        self.in_flight = Gauge("rollout_in_flight", "Rollout requests being generated", registry=self.registry)
         self.sleeping = Gauge("rollout_sleeping", "1 while the server sleeps", registry=self.registry)
         self.adapter_version = Gauge(
             "rollout_adapter_version", "Serving version", ["lora_name"], registry=self.registry
@@ -69,7 +77,7 @@ class RolloutService:
     def __init__(self, cfg: ServerConfig, engine: RolloutEngine) -> None:
         self.cfg = cfg
         self.engine = engine
-        self.samples = SampleStore(cfg.samples_capacity, cfg.samples_path)
+        self.samples = SampleStore(cfg)
         self.metrics = _Metrics()
         self._base_config = json.loads((Path(cfg.model) / "config.json").read_text())
         self._adapters: dict[str, _Served] = {}
@@ -78,6 +86,9 @@ class RolloutService:
         self._users: Counter[int] = Counter()  # in-flight requests per adapter int_id
         self._retired: set[int] = set()  # replaced versions to drop once no request uses them
         self._sleep_level: int | None = None
+        self._lease: asyncio.Task | None = None  # wakes the server when a sleep's lease ends
+        self._wake_at: float | None = None  # time.monotonic() of that
+        self._slot_freed = asyncio.Event()  # set whenever a request releases an adapter version
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -88,12 +99,22 @@ class RolloutService:
     async def rollout(self, request: RolloutRequest) -> RolloutResponse:
         """K completions per prompt from the requested adapter's current version."""
         self._check_bounds(request)
+        self._check_engine()
         if self._sleep_level is not None:
             self.metrics.requests.labels("asleep").inc()
             raise ServerAsleepError("the server is asleep (POST /wake_up first); no rollout was generated")
         served = self._served(request.adapter) if request.adapter else None
         prompt_ids = request.prompt_token_ids or [self.engine.tokenize(p) for p in request.prompts or []]
+        vocab_size = self.engine.vocab_size
         for i, ids in enumerate(prompt_ids):
+            if not ids:
+                raise InvalidRequestError(f"prompt {i} has no token: the engine cannot complete an empty prompt")
+            if min(ids) < 0 or max(ids) >= vocab_size:
+                bad = next(t for t in ids if not 0 <= t < vocab_size)
+                raise InvalidRequestError(
+                    f"prompt {i} holds token id {bad}, outside the model's vocabulary (ids 0 .. {vocab_size - 1}, "
+                    f"vocab_size={vocab_size})"
+                )
             if len(ids) + request.max_tokens > self.engine.max_model_len:
                 raise InvalidRequestError(
                     f"prompt {i} has {len(ids)} tokens; with max_tokens={request.max_tokens} it exceeds "
@@ -104,20 +125,13 @@ class RolloutService:
         start = time.perf_counter()
         self._acquire(handle)
         try:
-            completions = await asyncio.gather(
-                *(
-                    self.engine.generate(
-                        ids,
-                        request,
-                        # vLLM seeds child j of an n > 1 request with seed + j: striding prompts
-                        # by n gives every completion of the request its own stream.
-                        None if request.seed is None else request.seed + i * request.n,
-                        handle,
-                        f"{rollout_id}-{i}",
-                    )
-                    for i, ids in enumerate(prompt_ids)
-                )
-            )
+            completions = await self._generate_all(prompt_ids, request, handle, rollout_id)
+        except asyncio.CancelledError:  # the client left (or the server stops)
+            self.metrics.requests.labels("cancelled").inc()
+            raise
+        except Exception:
+            self.metrics.requests.labels("error").inc()
+            raise
         finally:
             await self._release(handle)
         prompts = request.prompts or [None] * len(prompt_ids)
@@ -132,12 +146,37 @@ class RolloutService:
             results=results,
             created_at=datetime.now(UTC),
         )
-        self.samples.add(SampleRecord(**response.model_dump()))
+        await self.samples.add(SampleRecord(**response.model_dump()))
         self.metrics.requests.labels("ok").inc()
         self.metrics.latency.observe(time.perf_counter() - start)
         self.metrics.completions.inc(sum(len(r.completions) for r in results))
         self.metrics.tokens.inc(sum(len(c.token_ids) for r in results for c in r.completions))
         return response
+
+    async def _generate_all(
+        self, prompt_ids: list[list[int]], request: RolloutRequest, handle: LoraHandle | None, rollout_id: str
+    ) -> list[list[Completion]]:
+        """Each prompt's completions; the first failure cancels the other prompts (vLLM aborts them)
+        and is raised as itself."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(
+                        self.engine.generate(
+                            ids,
+                            request,
+                            # vLLM seeds child j of an n > 1 request with seed + j: striding prompts
+                            # by n gives every completion of the request its own stream.
+                            None if request.seed is None else request.seed + i * request.n,
+                            handle,
+                            f"{rollout_id}-{i}",
+                        )
+                    )
+                    for i, ids in enumerate(prompt_ids)
+                ]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return [task.result() for task in tasks]
 
     def _check_bounds(self, request: RolloutRequest) -> None:
         cfg = self.cfg
@@ -162,17 +201,20 @@ class RolloutService:
 
     def _acquire(self, handle: LoraHandle | None) -> None:
         self._in_flight += 1
+        self.metrics.in_flight.set(self._in_flight)
         self._idle.clear()
         if handle:
             self._users[handle.int_id] += 1
 
     async def _release(self, handle: LoraHandle | None) -> None:
         self._in_flight -= 1
+        self.metrics.in_flight.set(self._in_flight)
         if self._in_flight == 0:
             self._idle.set()
         if handle:
             self._users[handle.int_id] -= 1
             await self._drop_if_unused(handle.int_id)
+            self._slot_freed.set()
 
     # --- adapters -----------------------------------------------------------------------------
 
@@ -188,20 +230,31 @@ class RolloutService:
         Requests already running keep the version they started with; the old version is removed
         from the engine once the last of them finishes.
         """
-        path = resolve_adapter_dir(self.cfg.adapter_root, request.lora_path)
-        validate_adapter_dir(path, base_config=self._base_config, max_rank=self.cfg.max_lora_rank)
+        # Off the event loop: checking reads every tensor of the adapter.
+        path = await asyncio.to_thread(
+            check_adapter,
+            self.cfg.adapter_root,
+            request.lora_path,
+            base_config=self._base_config,
+            max_rank=self.cfg.max_lora_rank,
+        )
         async with self._lock:
+            self._check_engine()
             if self._sleep_level is not None:
                 raise ServerAsleepError("the server is asleep (POST /wake_up first); no adapter was loaded")
+            await self._wait_for_slot(request.lora_name)
             handle = LoraHandle(request.lora_name, self._next_int_id, str(path))
             self._next_int_id += 1
             try:
                 await self.engine.add_lora(handle)
             except Exception as e:  # the engine's own refusal: report it, keep the old version
-                raise AdapterLoadError(f"the engine refused {path}: {e}") from e
+                # Named as the client gave it: the engine's message may hold the host path.
+                reason = str(e).replace(str(path), request.lora_path)
+                raise AdapterLoadError(f"the engine refused lora_path {request.lora_path!r}: {reason}") from e
             old = self._adapters.get(request.lora_name)
-            self._versions[request.lora_name] += 1
-            served = _Served(handle, self._versions[request.lora_name], datetime.now(UTC))
+            version = request.version or self._versions[request.lora_name] + 1
+            self._versions[request.lora_name] = max(self._versions[request.lora_name], version)
+            served = _Served(handle, version, datetime.now(UTC))
             self._adapters[request.lora_name] = served
             if old:
                 self._retired.add(old.handle.int_id)
@@ -210,9 +263,36 @@ class RolloutService:
         return AdapterInfo(
             lora_name=handle.name,
             version=served.version,
-            lora_path=handle.path,
+            lora_path=shown_path(self.cfg.adapter_root, handle.path),
             loaded_at=served.loaded_at,
         )
+
+    def _pinned_after_load(self, name: str) -> tuple[int, int]:
+        """Adapter versions the engine must hold once a new version of `name` is loaded: (all of
+        them, those that are some name's current version). A replaced version stays while requests
+        use it; an unused one is dropped at the swap."""
+        current = {s.handle.int_id for n, s in self._adapters.items() if n != name}
+        in_use = {int_id for int_id, users in self._users.items() if users > 0}
+        return len(current | in_use) + 1, len(current) + 1
+
+    async def _wait_for_slot(self, name: str) -> None:
+        """Wait until the engine's max_loras slots can hold a new version of `name` (older versions
+        finish their requests), at most adapter_slot_wait_s; AdapterBusyError when they cannot."""
+        slots, deadline = self.cfg.max_loras, time.monotonic() + self.cfg.adapter_slot_wait_s
+        while (needed := self._pinned_after_load(name))[0] > slots:
+            if needed[1] > slots:
+                raise AdapterBusyError(
+                    f"serving {needed[1]} adapters at once needs --max-loras {needed[1]} (this server has {slots})"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AdapterBusyError(
+                    f"a new version of {name!r} needs {needed[0]} of the engine's {slots} adapter slots: older "
+                    f"versions still serve requests after {self.cfg.adapter_slot_wait_s:.0f} s; retry when they end"
+                )
+            self._slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), remaining)
 
     async def unload_adapter(self, name: str) -> None:
         """Stop serving `name`; running requests finish on it first."""
@@ -231,32 +311,65 @@ class RolloutService:
 
     def models(self) -> list[ModelCard]:
         """The base model and every served adapter with its version."""
-        cards = [ModelCard(id=self.cfg.model, kind="base", version=0, root=self.cfg.model)]
+        base = Path(self.cfg.model).resolve().name  # the directory's name: answers show no host path
+        cards = [ModelCard(id=base, kind="base", version=0, root=base)]
         cards += [
-            ModelCard(id=name, kind="lora", version=s.version, root=s.handle.path) for name, s in self._adapters.items()
+            ModelCard(id=name, kind="lora", version=s.version, root=shown_path(self.cfg.adapter_root, s.handle.path))
+            for name, s in self._adapters.items()
         ]
         return cards
 
     # --- standby ------------------------------------------------------------------------------
 
-    async def sleep(self, level: int) -> SleepState:
-        """Stop taking rollouts, let running ones finish, then release memory. Idempotent."""
+    async def sleep(self, level: int, lease_s: float | None = None) -> SleepState:
+        """Stop taking rollouts, let running ones finish, then release memory. Idempotent.
+
+        With `lease_s`, the server wakes by itself that many seconds later unless /wake_up comes
+        first (a learner that dies asleep cannot strand it); each call sets the lease anew.
+        """
         async with self._lock:
+            self._check_engine()
             if self._sleep_level is None:
                 self._sleep_level = level  # from here on, rollouts get 503
                 self.metrics.sleeping.set(1)
                 await self._idle.wait()
                 await self.engine.sleep(level)
+            self._set_lease(lease_s)
         return self.sleep_state()
 
     async def wake_up(self) -> SleepState:
         """Restore what sleep released and serve again, with the same adapters. Idempotent."""
         async with self._lock:
+            self._check_engine()
+            self._set_lease(None)
             if self._sleep_level is not None:
                 await self.engine.wake_up(self._sleep_level)
                 self._sleep_level = None
                 self.metrics.sleeping.set(0)
         return self.sleep_state()
+
+    def _set_lease(self, lease_s: float | None) -> None:
+        if self._lease is not None and self._lease is not asyncio.current_task():
+            self._lease.cancel()
+        self._lease, self._wake_at = None, None
+        if lease_s is not None:
+            self._wake_at = time.monotonic() + lease_s
+            self._lease = asyncio.create_task(self._wake_after(lease_s))
+
+    async def _wake_after(self, lease_s: float) -> None:
+        await asyncio.sleep(lease_s)
+        log.warning("the sleep lease of %.0f s ended with no /wake_up: waking up", lease_s)
+        await self.wake_up()
+
+    # --- engine health ------------------------------------------------------------------------
+
+    def dead_reason(self) -> str | None:
+        """Why the engine cannot serve any more; None while it lives."""
+        return self.engine.dead_reason()
+
+    def _check_engine(self) -> None:
+        if (reason := self.engine.dead_reason()) is not None:
+            raise EngineDeadError(f"{reason}; the server is exiting so that its supervisor restarts it")
 
     def sleep_state(self) -> SleepState:
         """Whether the server sleeps, at which level, and what that released on this device."""
@@ -272,4 +385,5 @@ class RolloutService:
             released = "model weights offloaded to CPU memory; KV cache freed"
         else:
             released = "model weights and KV cache discarded; weights reload from disk on /wake_up"
-        return SleepState(is_sleeping=level is not None, level=level, released=released)
+        wakes_in_s = None if self._wake_at is None else max(0.0, self._wake_at - time.monotonic())
+        return SleepState(is_sleeping=level is not None, level=level, released=released, wakes_in_s=wakes_in_s)

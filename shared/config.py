@@ -31,7 +31,11 @@ class ServerConfig(_Strict):
     max_lora_rank: int = Field(16, gt=0)
     """Largest LoRA rank the engine accepts; adapters of higher rank are refused."""
     max_loras: int = Field(2, gt=0)
-    """Adapters held on the device at once (old and new version during a swap)."""
+    """Adapter versions on the engine at once: every served adapter's current version, plus replaced
+    versions until their requests end (2 lets one adapter swap under load)."""
+    adapter_slot_wait_s: float = Field(30.0, ge=0)
+    """A load that needs more than max_loras versions waits this long for older versions' requests
+    to end, then answers 409."""
     max_model_len: int | None = Field(None, gt=0)
     """Longest prompt + completion in tokens; None: the model's own limit, as vLLM derives it from
     config.json (max_position_embeddings). Above that limit vLLM refuses to start."""
@@ -50,11 +54,20 @@ class ServerConfig(_Strict):
     max_tokens: int = Field(1024, gt=0)
     """Largest `max_tokens` a request may ask for."""
     max_prompt_chars: int = Field(32_000, gt=0)
-    """Longest prompt text, in characters."""
+    """Longest prompt, in characters (a conversation's roles and contents together)."""
+    max_body_bytes: int = Field(16 * 2**20, gt=0)
+    """Largest request body; a longer one is refused with 413 before it is read. 16 MiB holds 64
+    prompts of 32k token ids; raise it for more or longer prompt_token_ids."""
     samples_capacity: int = Field(256, gt=0)
     """Rollouts kept in memory for GET /v1/samples (oldest dropped first)."""
+    samples_max_bytes: int = Field(64 * 2**20, gt=0)
+    """Memory the kept rollouts may take, as their JSON size (oldest dropped first); a rollout over it
+    alone is kept truncated (no token ids, logprobs or prompts; texts cut to 256 characters)."""
     samples_path: Path | None = None
     """If set, every rollout and score is also appended to this JSONL file."""
+    samples_file_max_bytes: int = Field(256 * 2**20, gt=0)
+    """Size at which the samples_path file is renamed to '<name>.1' (replacing the older one) and a
+    new file begun: the log takes at most about twice this on disk."""
 
 
 class SamplingConfig(_Strict):
@@ -64,8 +77,9 @@ class SamplingConfig(_Strict):
     """K: completions per prompt (the GRPO group size)."""
     max_tokens: int = Field(64, gt=0)
     """Longest completion, in tokens."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature; the learner scores logprobs at the same temperature."""
+    temperature: float = Field(1.0, ge=0.01)
+    """Sampling temperature; the learner scores logprobs at the same temperature. At least 0.01: vLLM
+    raises lower ones to 0.01, and the server refuses them (RolloutRequest)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling; below 1 the sampler's distribution is truncated (biased ratios)."""
     top_k: int = Field(-1, ge=-1)

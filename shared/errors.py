@@ -65,6 +65,24 @@ class StaleAdapterError(GrpoError, RuntimeError):
     """The server served a policy version other than the one the learner expected."""
 
 
+class AdapterBusyError(GrpoError, RuntimeError):
+    """Loading a version would need more adapters on the engine than it has slots (max_loras) while
+    older versions still serve requests; retry once they finish (HTTP 409)."""
+
+
+class EngineDeadError(GrpoError, RuntimeError):
+    """The inference engine died; the server cannot serve and exits so a supervisor restarts it
+    (HTTP 503)."""
+
+
 class InvalidRequestError(GrpoError, ValueError):
     """A well-formed request the server cannot accept: over a configured bound, or scores
     shaped unlike their rollout (HTTP 422)."""
+
+
+class UnauthorizedError(GrpoError, PermissionError):
+    """A request without the server's API key, refused before its body is read (HTTP 401)."""
+
+
+class PayloadTooLargeError(GrpoError, ValueError):
+    """A request body over the server's max_body_bytes, refused without reading the rest (HTTP 413)."""

@@ -6,13 +6,46 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _valid_unicode(text: str) -> str:
+    # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer (and no UTF-8 encoder) takes.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate at character {e.start} (not valid Unicode)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+"""A string that is valid Unicode (encodes to UTF-8)."""
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+"""A float that is neither NaN nor +-infinity (JSON has no way to write them back)."""
+StrictInt = Annotated[int, Field(strict=True)]
+"""An int given as an int: not "8", 8.0 or true."""
+LoraName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+"""The name an adapter is served under."""
+
+MAX_SEED = 2**63 - 1
+"""Largest seed a completion may sample with (vLLM and torch take int64 seeds)."""
+MAX_TOP_K = 2**31 - 1
+"""Largest top_k (vLLM keeps top_k in int32; any value over the vocabulary means all of it)."""
+MIN_TEMPERATURE = 1e-2
+"""Least temperature above 0: vLLM raises any 0 < t < 0.01 to 0.01 (with a warning), so it would
+sample, and report logprobs, at another temperature than asked."""
+MAX_STOP_STRINGS = 16
+"""Most stop strings in one request."""
+MAX_STOP_CHARS = 256
+"""Longest stop string, in characters."""
+MAX_LORA_PATH_CHARS = 4096
+"""Longest lora_path (Linux's PATH_MAX)."""
 
 
 # --- rollouts -------------------------------------------------------------------------------
@@ -21,19 +54,31 @@ class _Wire(BaseModel):
 class ChatMessage(_Wire):
     """One turn of a conversation, as chat templates take it."""
 
-    role: str = Field(min_length=1)
+    role: Text = Field(min_length=1)
     """'system', 'user', 'assistant', ... (whatever the model's chat template knows)."""
-    content: str
+    content: Text
 
 
-Prompt = str | list[ChatMessage]
+def _prompt_kind(prompt: object) -> str | None:
+    return "text" if isinstance(prompt, str) else "messages" if isinstance(prompt, list) else None
+
+
+# Tagged, so an error names the kind of prompt it is about ("prompts.0.text: ...").
+Prompt = Annotated[
+    Annotated[Text, Tag("text")] | Annotated[list[ChatMessage], Tag("messages")],
+    Discriminator(
+        _prompt_kind,
+        custom_error_type="prompt_type",
+        custom_error_message="a prompt is a text or a list of messages",
+    ),
+]
 """A prompt text, or a conversation that the model's chat template renders with the generation
 prompt (the assistant turn to be completed)."""
 
 
 def prompt_chars(prompt: Prompt) -> int:
-    """Characters of a prompt: its text, or the contents of its messages."""
-    return len(prompt) if isinstance(prompt, str) else sum(len(m.content) for m in prompt)
+    """Characters of a prompt: its text, or the roles and contents of its messages."""
+    return len(prompt) if isinstance(prompt, str) else sum(len(m.role) + len(m.content) for m in prompt)
 
 
 class RolloutRequest(_Wire):
@@ -42,25 +87,28 @@ class RolloutRequest(_Wire):
     prompts: list[Prompt] | None = None
     """Prompt texts (tokenized as the model's tokenizer does: a BOS token when it adds one) or
     conversations (rendered by the model's chat template, with the generation prompt)."""
-    prompt_token_ids: list[list[int]] | None = None
-    """Prompts as token ids, used verbatim."""
-    n: int = Field(8, ge=1)
+    prompt_token_ids: list[list[StrictInt]] | None = None
+    """Prompts as token ids, used verbatim; each id in [0, the model's vocabulary size)."""
+    n: StrictInt = Field(8, ge=1)
     """Completions per prompt."""
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: StrictInt = Field(64, ge=1)
     """Longest completion, in tokens."""
-    temperature: float = Field(1.0, ge=0)
-    """Sampling temperature; 0 is greedy."""
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: FiniteFloat = Field(1.0, ge=0)
+    """Sampling temperature; 0 is greedy, else at least MIN_TEMPERATURE (0.01)."""
+    top_p: FiniteFloat = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass."""
-    top_k: int = Field(-1, ge=-1)
+    top_k: StrictInt = Field(-1, ge=-1, le=MAX_TOP_K)
     """Top-k sampling; -1 disables it."""
-    seed: int | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     """Seed of prompt 0's first completion. Prompt i is sent to vLLM with seed + i * n, and vLLM
     seeds its completion j with that + j, so completion (i, j) samples with seed + i * n + j: one
-    stream per completion, the request using seeds seed .. seed + P * n - 1. None: fresh randomness."""
-    stop: list[str] = Field(default_factory=list)
-    """Strings that end a completion (excluded from it)."""
-    adapter: str | None = None
+    stream per completion, the request using seeds seed .. seed + P * n - 1, which must not pass
+    MAX_SEED (2**63 - 1). None: fresh randomness."""
+    stop: list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_STOP_STRINGS
+    )
+    """Strings that end a completion (excluded from it): at most 16, each of 1 to 256 characters."""
+    adapter: LoraName | None = None
     """Name of a loaded LoRA adapter; None samples from the base model."""
 
     @model_validator(mode="after")
@@ -71,8 +119,20 @@ class RolloutRequest(_Wire):
             raise ValueError("'prompt_token_ids' holds an empty prompt")
         if self.prompts is not None and any(isinstance(p, list) and not p for p in self.prompts):
             raise ValueError("'prompts' holds a conversation with no message")
+        if self.prompts is not None and any(p == "" for p in self.prompts):
+            raise ValueError("'prompts' holds an empty text (a prompt needs at least one token)")
         if self.temperature == 0 and self.n > 1:
             raise ValueError("temperature 0 is greedy decoding: all n completions would be equal; use n=1")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature {self.temperature} is below {MIN_TEMPERATURE}: vLLM would sample (and report "
+                f"logprobs) at {MIN_TEMPERATURE} instead; use 0 for greedy decoding"
+            )
+        if self.seed is not None and self.seed + self.num_prompts * self.n - 1 > MAX_SEED:
+            raise ValueError(
+                f"seed {self.seed} with {self.num_prompts} prompts x n={self.n} would sample with seeds up to "
+                f"seed + {self.num_prompts * self.n - 1}, past 2**63 - 1"
+            )
         return self
 
     @property
@@ -121,15 +181,20 @@ class RolloutResponse(_Wire):
 class LoadLoraAdapterRequest(_Wire):
     """Load, or atomically replace, a LoRA adapter under a name."""
 
-    lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
-    lora_path: str
-    """Directory of a peft adapter (safetensors), under the server's adapter root."""
+    lora_name: LoraName
+    lora_path: Text = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS)
+    """Directory of a peft adapter (safetensors), under the server's adapter root (relative to it, or
+    absolute); at most 4096 characters."""
+    version: int | None = Field(None, ge=1)
+    """The version number to serve it as, stamped on every rollout it makes (the learner sends its
+    adapter directory's number, so a restarted or second server numbers versions as it does).
+    None: one more than the last version of this name this server loaded."""
 
 
 class UnloadLoraAdapterRequest(_Wire):
     """Stop serving an adapter."""
 
-    lora_name: str
+    lora_name: LoraName
 
 
 class AdapterInfo(_Wire):
@@ -138,6 +203,7 @@ class AdapterInfo(_Wire):
     lora_name: str
     version: int
     lora_path: str
+    """The adapter's directory relative to the server's adapter root (no host path)."""
     loaded_at: datetime
 
 
@@ -149,7 +215,7 @@ class ModelCard(_Wire):
     version: int
     """0 for the base model."""
     root: str
-    """Base model directory, or the adapter's directory."""
+    """The base model directory's name, or the adapter's directory relative to the adapter root."""
 
 
 class ModelsResponse(_Wire):
@@ -170,6 +236,8 @@ class SleepState(_Wire):
     """Level of the current sleep; None when awake."""
     released: str
     """What sleeping released on this device (on CPU vLLM cannot release anything)."""
+    wakes_in_s: float | None = None
+    """Seconds until the sleep's lease ends and the server wakes by itself; None: no lease (or awake)."""
 
 
 # --- samples ----------------------------------------------------------------------------------
@@ -178,8 +246,8 @@ class SleepState(_Wire):
 class SampleScores(_Wire):
     """Rewards and advantages the learner attaches to a rollout, shaped [prompt][completion]."""
 
-    rewards: list[list[float]]
-    advantages: list[list[float]]
+    rewards: list[list[FiniteFloat]]
+    advantages: list[list[FiniteFloat]]
     step: int | None = None
 
     @model_validator(mode="after")
@@ -198,6 +266,9 @@ class SampleRecord(_Wire):
     policy_version: int
     results: list[PromptRollout]
     scores: SampleScores | None = None
+    truncated: bool = False
+    """True when the record alone was over the server's samples_max_bytes: it is kept with its
+    token ids and logprobs dropped, its prompts dropped and its texts cut to 256 characters."""
 
 
 class SamplesResponse(_Wire):
@@ -207,7 +278,8 @@ class SamplesResponse(_Wire):
 
 
 class HealthResponse(_Wire):
-    """What `GET /health` returns."""
+    """What `GET /health` returns: 200 while the engine lives (asleep or not). A dead engine answers
+    503 with the reason, and the server exits non-zero so a supervisor restarts it."""
 
     status: Literal["ok"] = "ok"
     is_sleeping: bool

@@ -28,6 +28,7 @@ class FakeEngine:
     """Completions encode which adapter version made them: token ids [int_id, i, seed]."""
 
     device = "cpu"
+    vocab_size = 256  # it tokenizes to bytes
 
     def __init__(self, max_model_len: int = 64) -> None:
         self.max_model_len = max_model_len  # a real engine's: ServerConfig's, or the model's own
@@ -35,6 +36,9 @@ class FakeEngine:
         self.removed: list[int] = []
         self.sleep_calls: list[int] = []
         self.gate: asyncio.Event | None = None  # when set, generate() waits on it
+        self.dead: str | None = None  # a reason: the engine is dead
+        self.fail_prompt: list[int] | None = None  # generate() of this prompt raises
+        self.cancelled: list[str] = []  # request ids cancelled while generating
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         text = prompt if isinstance(prompt, str) else "".join(f"{m.role}:{m.content}" for m in prompt)
@@ -48,8 +52,14 @@ class FakeEngine:
         lora: LoraHandle | None,
         request_id: str,
     ) -> list[Completion]:
+        if prompt_token_ids == self.fail_prompt:
+            raise RuntimeError(f"engine failure on request {request_id}")
         if self.gate is not None:
-            await self.gate.wait()
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(request_id)
+                raise
         lora_id = lora.int_id if lora else 0
         assert lora is None or lora.int_id in self.loras, "generated with a removed adapter"
         return [
@@ -74,6 +84,9 @@ class FakeEngine:
 
     async def wake_up(self, level: int) -> None:
         pass
+
+    def dead_reason(self) -> str | None:
+        return self.dead
 
     def shutdown(self) -> None:
         pass

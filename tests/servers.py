@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from learner.local_server import local_rollout_server
+from learner.local_server import free_port, local_rollout_server, wait_healthy
 from learner.rollout_client import RolloutClient
 
 
@@ -22,3 +27,52 @@ def served_client(model_dir: Path, run_dir: Path) -> Iterator[RolloutClient]:
             yield client
         finally:
             client.close()
+
+
+@contextmanager
+def server_process(
+    model_dir: Path, adapter_root: Path, log_path: Path, *, port: int | None = None, args: list[str] = ()
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A real `grpo-rollout-server` process (no API key) and its URL, once healthy; for tests that
+    kill it. Everything it started is killed by pid on exit."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "rollout_server.cli", "--model", str(model_dir), "--port", str(port)]
+    cmd += ["--adapter-root", str(adapter_root), *args]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = log_path.stat().st_size if log_path.exists() else 0
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "ROLLOUT_API_KEY": ""})
+    url = f"http://127.0.0.1:{port}"
+    tree = {proc.pid}
+    try:
+        wait_healthy(proc, url, log_path, start, 300)
+        tree |= descendants(proc.pid)
+        yield proc, url
+    finally:
+        tree |= descendants(proc.pid)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (children, their children, ...), from /proc."""
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for task in Path(f"/proc/{stack.pop()}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = {int(c) for c in (task / "children").read_text().split()}
+                stack += children - found
+                found |= children
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

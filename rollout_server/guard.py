@@ -1,0 +1,96 @@
+"""What every request passes before the app reads it: the API key, then the body's size.
+
+A pure ASGI middleware, so a request without the key is refused (401) before one byte of its body
+is read, and a body over `max_body_bytes` is refused (413) by its Content-Length, or, sent chunked,
+as soon as it grows past the bound. /health stays public; /docs, /redoc and /openapi.json do not.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.errors import GrpoError, PayloadTooLargeError, UnauthorizedError
+
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+class RequestGuard:
+    """Checks the `Authorization: Bearer <api_key>` header (when a key is set), then reads the body
+    up to `max_body_bytes` and hands it on; refusals answer `{"detail": ...}` with `status[type]`."""
+
+    def __init__(
+        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, status: Mapping[type[Exception], int]
+    ) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.status = status
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            self._check_key(scope)
+            body = await self._read_body(scope, receive)
+        except (UnauthorizedError, PayloadTooLargeError) as e:
+            await self._refuse(e, scope, receive, send)
+            return
+        if body is None:
+            return  # the client left mid-body: nobody to answer
+        await self.app(scope, _replay(body, receive), send)
+
+    def _check_key(self, scope: Scope) -> None:
+        if self.api_key is None or scope["path"] in PUBLIC_PATHS:
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not secrets.compare_digest(token, self.api_key.encode()):
+            raise UnauthorizedError("missing or wrong API key (send 'Authorization: Bearer <ROLLOUT_API_KEY>')")
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, or None if the client disconnected first."""
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large(f"its Content-Length is {int(declared)} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large(f"it grew past {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self, why: str) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"request body refused: {why}, over the server's max_body_bytes={self.max_body_bytes}"
+        )
+
+    async def _refuse(self, error: GrpoError, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, UnauthorizedError) else None
+        response = JSONResponse({"detail": str(error)}, status_code=self.status[type(error)], headers=headers)
+        await response(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the app the body already read, then what the client sends next."""
+    given = False
+
+    async def replay() -> Message:
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
