@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from shared.cli import add_model_flags, given_overrides
 from shared.config import ServerConfig
-from shared.lifeline import die_with_parent, is_multiprocessing_child
+from shared.lifeline import die_with_parent
 
-if is_multiprocessing_child():
-    # vLLM's engine core is spawned by this module's process and imports it as __mp_main__: have
-    # it die with the server, even one killed with SIGKILL (which runs no cleanup).
+# Set by the server for its descendants: vLLM's engine core (and its worker) are spawned by
+# multiprocessing, which imports this module in them as __mp_main__.
+SERVER_PID_VAR = "GRPO_ROLLOUT_SERVER_PID"
+if os.environ.get(SERVER_PID_VAR, str(os.getpid())) != str(os.getpid()):
+    # A process the server started: die with its parent, even a server killed with SIGKILL
+    # (which runs no cleanup).
     die_with_parent()
 
 
@@ -38,6 +42,7 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags into a `ServerConfig` and run the app under uvicorn."""
     cfg, log_level = parse_config(argv)
+    os.environ[SERVER_PID_VAR] = str(os.getpid())
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn

@@ -32,8 +32,3 @@ def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> bool:
     if parent == 1 or os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
     return True
-
-
-def is_multiprocessing_child() -> bool:
-    """Whether this interpreter was started by `multiprocessing`'s spawn (vLLM's engine core is)."""
-    return "--multiprocessing-fork" in sys.argv

@@ -6,7 +6,6 @@ The same bookkeeping over a fake engine, in milliseconds: test_server_recovery.p
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -133,14 +132,9 @@ def test_a_dead_engine_fails_health_and_the_server_exits_nonzero(
         assert engine_core, "no engine core process found"
         for pid in engine_core:
             os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        health = None
-        while proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                health = httpx.get(f"{url}/health", timeout=5)
-            time.sleep(0.2)
-        assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 3  # a supervisor restarts it
-        assert health is None or health.status_code == 503
+        assert proc.wait(timeout=60) == 3  # a supervisor restarts it
+    log = (tmp_path / "server.log").read_text()
+    assert "the vLLM engine core is dead" in log and "shutting down so that a supervisor restarts" in log
 
 
 def test_a_server_killed_with_sigkill_leaves_no_engine_process(
