@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from shared.config import LearnerConfig
+from shared.errors import ConfigError
 
 
 def with_model_sampling_defaults(cfg: LearnerConfig, model_dir: str) -> LearnerConfig:
@@ -43,7 +45,7 @@ def eos_token_ids(generation_config: GenerationConfig, tokenizer: PreTrainedToke
 
 
 def load_policy(model_dir: str, cfg: LearnerConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """The base model with a fresh LoRA (seeded), and its tokenizer."""
+    """The base model with a LoRA, fresh (seeded) or with `cfg.init_adapter`'s weights, and its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if torch.cuda.is_available():
         kwargs: dict = {"dtype": torch.bfloat16, "device_map": {"": 0}}
@@ -84,7 +86,41 @@ def load_policy(model_dir: str, cfg: LearnerConfig) -> tuple[PeftModel, PreTrain
         target_modules=list(cfg.lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, lora), tokenizer
+    policy = get_peft_model(base, lora)
+    if cfg.init_adapter is not None:
+        load_adapter_weights(policy, cfg.init_adapter)
+    return policy, tokenizer
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def load_adapter_weights(policy: PeftModel, adapter_dir: Path) -> None:
+    """Copy the weights of the peft adapter saved in `adapter_dir` into `policy`'s LoRA.
+
+    Raises ConfigError naming `adapter_dir` unless the adapter has exactly the policy's LoRA
+    tensors with their shapes (rank, target modules) and the same lora_alpha (the scaling, which
+    no tensor shape shows).
+    """
+    weights, config = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / "adapter_config.json"
+    if not weights.is_file() or not config.is_file():
+        raise ConfigError(f"{adapter_dir}: not a peft adapter directory (needs {ADAPTER_WEIGHTS} and {config.name})")
+    loaded = load_file(str(weights))
+    wanted = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(policy).items()}
+    got = {name: tuple(t.shape) for name, t in loaded.items()}
+    lora = policy.peft_config["default"]
+    mismatched = sorted(n for n in got.keys() | wanted.keys() if got.get(n) != wanted.get(n))
+    if mismatched:
+        name = mismatched[0]
+        raise ConfigError(
+            f"{adapter_dir}: the adapter's tensors do not match the LoRA config (lora.r={lora.r}, "
+            f"lora.target_modules={sorted(lora.target_modules)}): {len(mismatched)} differ, e.g. {name} is "
+            f"{got.get(name, 'absent')} in the adapter and {wanted.get(name, 'absent')} in the policy"
+        )
+    alpha = json.loads(config.read_text()).get("lora_alpha")
+    if alpha != lora.lora_alpha:
+        raise ConfigError(f"{adapter_dir}: the adapter's lora_alpha is {alpha}, the LoRA config's {lora.lora_alpha}")
+    set_peft_model_state_dict(policy, loaded)
 
 
 def loads_in_4bit(cfg: LearnerConfig) -> bool:

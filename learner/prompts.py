@@ -91,6 +91,17 @@ class PromptSampler:
             batch.append(self._rows[self._order.pop()])
         return batch
 
+    def state_dict(self) -> dict:
+        """Where the sampler stands, as JSON-able values: its RNG and what is left of this epoch."""
+        version, internal, gauss = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self._order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()`: the same batches follow as after the one it was taken at."""
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._order = list(state["order"])
+
 
 class PromptEncoder:
     """Tokenization shared by sampling and scoring, so both see the same token ids.

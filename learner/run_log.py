@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,11 @@ from shared.schemas import Completion
 class RunLog:
     """Appends one JSON object per step to `metrics.jsonl` and drives the progress bar."""
 
-    def __init__(self, output_dir: Path, steps: int, *, sample_every: int) -> None:
+    def __init__(self, output_dir: Path, steps: int, *, sample_every: int, done: int = 0) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
         self._file = self.path.open("a", buffering=1)  # line-buffered: a crash loses no finished step
-        self._bar = tqdm(total=steps, desc="grpo", unit="step", dynamic_ncols=True)
+        self._bar = tqdm(total=steps, initial=done, desc="grpo", unit="step", dynamic_ncols=True)
         self._sample_every = sample_every
 
     def step(
@@ -70,6 +71,21 @@ class RunLog:
         """Finish the bar and the file."""
         self._bar.close()
         self._file.close()
+
+
+def drop_steps_after(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl `path` (if any) without its rows of steps after `step`, atomically: a
+    run resumed from step `step`'s checkpoint redoes those steps and logs them again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    # a run killed mid-write may leave a last line without its newline: not a row, drop it
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _finite(value: Any) -> Any:

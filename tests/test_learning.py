@@ -52,6 +52,7 @@ def grpo_supervised(model_dir: Path, run_dir: Path, client: RolloutClient, rows:
         learning_rate=1e-3,
         seed=seed,
         sample_every=0,
+        save_steps=0,  # the runs share run_dir (the server's adapter root); checkpoints are one run's
         sampling={"n": 8, "max_tokens": 4, "seed": seed, "stop": ["="]},
     )
     policy, tokenizer = load_policy(str(model_dir), cfg)
@@ -106,6 +107,7 @@ def test_unsupervised_grpo_lowers_completion_nll_within_a_kl_bound(
         micro_batch_size=32,
         learning_rate=5e-4,
         sample_every=0,
+        save_steps=0,  # run_dir is shared with the supervised runs
         sampling={"n": 8, "max_tokens": 12, "seed": 0},
     )
     policy, tokenizer = load_policy(str(warm_model_dir), cfg)

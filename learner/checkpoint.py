@@ -1,0 +1,219 @@
+"""Checkpoints: what a killed run needs to go on as if it had never stopped.
+
+`output_dir/checkpoints/step-000012/` holds, after step 12:
+
+- `adapter/`: the LoRA weights (peft `save_pretrained`);
+- `optimizer.pt`: AdamW's state, moments and step counts (there is no LR scheduler);
+- `rng.pt`: torch's CPU (and CUDA) generator states;
+- `trainer_state.json`: the step; the policy version served for the next step and its adapter
+  directory under output_dir/adapters; the prompt sampler's RNG and position; Python's `random`.
+
+A checkpoint is written into a hidden temp directory and renamed into place, so a run killed
+mid-write leaves no `step-*` directory for `latest` to pick, only a `.step-*` one it ignores.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from learner.model import ADAPTER_WEIGHTS, load_adapter_weights, next_version, save_adapter
+from learner.prompts import PromptSampler
+from learner.run_log import drop_steps_after
+from shared.config import LearnerConfig
+from shared.errors import ConfigError
+
+log = logging.getLogger("learner")
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"step-(\d+)")
+_VERSION = re.compile(r"v(\d+)")
+_TEMP = re.compile(r"\.(step-\d+|v\d+|removing)-")  # save_adapter's, save's and _remove's temp dirs
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where a run stands after `step` steps."""
+
+    step: int
+    """Steps done (0: none)."""
+    version: int
+    """The policy version serving step + 1: its adapter directory's number (0: the base model)."""
+    adapter: Path | None
+    """That adapter's directory, output_dir/adapters/v{version:06d}; None: the base model."""
+
+
+def save_if_due(
+    cfg: LearnerConfig, state: TrainState, policy: PeftModel, optimizer: torch.optim.Optimizer, prompts: PromptSampler
+) -> Path | None:
+    """Every `cfg.save_steps` steps, checkpoint `state` and keep the newest `cfg.save_total_limit`."""
+    if not cfg.save_steps or state.step % cfg.save_steps:
+        return None
+    root = cfg.output_dir / "checkpoints"
+    path = save(root, state, policy, optimizer, prompts)
+    done = sorted(_complete(root), key=_step)
+    for old in done[: -cfg.save_total_limit] if cfg.save_total_limit else []:
+        _remove(old)
+    return path
+
+
+def save(
+    root: Path, state: TrainState, policy: PeftModel, optimizer: torch.optim.Optimizer, prompts: PromptSampler
+) -> Path:
+    """Write `root/step-{state.step:06d}` atomically: a temp dir, then a rename that fails rather than
+    overwrite an existing checkpoint. Safe against the process dying, not against power loss (no fsync)."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    try:
+        policy.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        trainer_state = {
+            "step": state.step,
+            "policy_version": state.version,
+            "adapter": None if state.adapter is None else state.adapter.name,
+            "prompts": prompts.state_dict(),
+            "python_random": random.getstate(),
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state))  # last: a dir without it is not a checkpoint
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def latest(root: Path) -> Path | None:
+    """The complete checkpoint of the highest step under `root` (None if there is none)."""
+    return max(_complete(root), key=_step, default=None)
+
+
+def resume_point(cfg: LearnerConfig) -> Path | None:
+    """The checkpoint `cfg.resume` names: 'auto' the latest under output_dir/checkpoints (None if
+    none), else the directory given. A fresh start over existing checkpoints is refused: its
+    checkpoints would collide with theirs by step number, and 'auto' would mix the two runs."""
+    root = cfg.output_dir / "checkpoints"
+    if cfg.resume is None:
+        found = latest(root)
+        if found is not None:
+            raise ConfigError(
+                f"{root} holds checkpoints of an earlier run (newest {found.name}): pass --resume auto to "
+                "continue it, choose another --output-dir, or delete them to start over"
+            )
+        return None
+    if cfg.resume == "auto":
+        return latest(root)
+    path = Path(cfg.resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"{path}: not a checkpoint directory (no {STATE_FILE})")
+    return path
+
+
+def restore(
+    cfg: LearnerConfig, policy: PeftModel, optimizer: torch.optim.Optimizer, prompts: PromptSampler
+) -> TrainState:
+    """The state training starts from, with `policy`, `optimizer`, `prompts` and the RNGs set to it.
+
+    Resuming: the checkpoint `cfg.resume` names is loaded and output_dir is rolled back to its step:
+    metrics.jsonl rows of later steps are dropped and adapter versions above its version and later
+    checkpoints are deleted (the resumed run redoes those steps and numbers its adapters from the
+    checkpoint's version on). Fresh: step 0, serving the base model, or `cfg.init_adapter`'s
+    weights (already in `policy`, see model.load_policy) saved as the next adapter version.
+    """
+    adapter_root = cfg.output_dir / "adapters"
+    path = resume_point(cfg)
+    if path is None:
+        if cfg.resume == "auto":
+            log.info("--resume auto: no checkpoint under %s, starting at step 1", cfg.output_dir / "checkpoints")
+        if cfg.init_adapter is None:
+            return TrainState(0, 0, None)
+        version = next_version(adapter_root)
+        return TrainState(0, version, save_adapter(policy, adapter_root, version))
+
+    saved = json.loads((path / STATE_FILE).read_text())
+    load_adapter_weights(policy, path / "adapter")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and "cuda" in rng:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    version_, internal, gauss = saved["python_random"]
+    random.setstate((version_, tuple(internal), gauss))
+    prompts.load_state_dict(saved["prompts"])
+    adapter = None if saved["adapter"] is None else adapter_root / saved["adapter"]
+    state = TrainState(saved["step"], saved["policy_version"], adapter)
+    _roll_back(cfg.output_dir, state)
+    if state.adapter is not None:
+        _check_served_adapter(state.adapter, path / "adapter", policy)
+    log.info("resuming from %s: step %d done, policy version %d", path, state.step, state.version)
+    return state
+
+
+def _roll_back(output_dir: Path, state: TrainState) -> None:
+    """Undo what a run did after `state`: its metrics rows, adapter versions and checkpoints, and
+    the temp dirs of the writes and deletes its death interrupted."""
+    drop_steps_after(output_dir / "metrics.jsonl", state.step)
+    for root in (output_dir / "adapters", output_dir / "checkpoints"):
+        for leftover in root.iterdir() if root.is_dir() else []:
+            if _TEMP.match(leftover.name):
+                shutil.rmtree(leftover)
+    for version, newer in _versions(output_dir / "adapters").items():
+        if version > state.version:
+            _remove(newer)
+    for newer in _complete(output_dir / "checkpoints"):
+        if _step(newer) > state.step:
+            _remove(newer)
+
+
+def _check_served_adapter(served: Path, checkpointed: Path, policy: PeftModel) -> None:
+    """The server loads adapters from output_dir/adapters only: put the checkpoint's there if it is
+    missing (a checkpoint from another output_dir), refuse if another adapter holds its version."""
+    if not served.exists():
+        save_adapter(policy, served.parent, int(served.name[1:]))
+    elif not filecmp.cmp(served / ADAPTER_WEIGHTS, checkpointed / ADAPTER_WEIGHTS, shallow=False):
+        raise ConfigError(
+            f"{served} is not the adapter of checkpoint {checkpointed.parent}: resume into the checkpoint's "
+            "own output_dir or one without that adapter version"
+        )
+
+
+def _complete(root: Path) -> list[Path]:
+    """Checkpoint directories under `root`: named step-N, with their state file written (temp dirs
+    are hidden `.step-N-*` ones)."""
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()]
+
+
+def _step(path: Path) -> int:
+    return int(_NAME.fullmatch(path.name).group(1))
+
+
+def _versions(adapter_root: Path) -> dict[int, Path]:
+    """Adapter version directories `v{N:06d}` under `adapter_root`, by N."""
+    if not adapter_root.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in adapter_root.iterdir() if (m := _VERSION.fullmatch(p.name))}
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory by first renaming it to a hidden name, so a kill mid-delete never leaves a
+    half directory under a name that counts (a `step-N` or `vN`)."""
+    hidden = Path(tempfile.mkdtemp(prefix=f".removing-{path.name}-", dir=path.parent))
+    os.rename(path, hidden / path.name)
+    shutil.rmtree(hidden)
