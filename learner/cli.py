@@ -38,6 +38,10 @@ so on CPU the base stays in float32. With no --server-url, a local rollout serve
 a child process on a free 127.0.0.1 port and stopped on exit. With no --model, the bundled tiny
 model is built (seeded, warmed up on an addition task) into runs/tiny-model.
 
+Every --save-steps steps a checkpoint (adapter, optimizer, RNG states, data position) goes to
+<output_dir>/checkpoints/step-N; --resume auto continues a killed run from the newest one, and
+ends with the weights an uninterrupted run would have (given --sampling-seed).
+
 Settings come from the LearnerConfig defaults, then --config FILE.yaml, then flags.
 """
 
@@ -88,7 +92,7 @@ def train(cfg: LearnerConfig) -> Path | None:
         )
     model_dir = cfg.model or _default_model()
 
-    from learner import loop
+    from learner import checkpoint, loop
     from learner.local_server import local_rollout_server, server_flags
     from learner.model import load_policy, loads_in_4bit, served_base, server_dtype, with_model_sampling_defaults
     from learner.rollout_client import RolloutClient
@@ -100,6 +104,7 @@ def train(cfg: LearnerConfig) -> Path | None:
         yaml.safe_dump(cfg.model_dump(mode="json", exclude={"api_key"}), sort_keys=False)
     )
 
+    checkpoint.resume_point(cfg)  # a bad --resume, or checkpoints a fresh start would mix with, stop here
     policy, tokenizer = load_policy(model_dir, cfg)
     with ExitStack() as stack:
         url = cfg.server_url

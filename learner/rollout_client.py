@@ -39,20 +39,21 @@ class RolloutClient:
             )
         return response
 
-    def load_adapter(self, name: str, path: str) -> AdapterInfo:
-        """Load (or replace) adapter `name` from `path`; a refusal raises RolloutServerError."""
-        return AdapterInfo.model_validate(
-            self._call("POST", "/v1/load_lora_adapter", LoadLoraAdapterRequest(lora_name=name, lora_path=path))
-        )
+    def load_adapter(self, name: str, path: str, *, version: int | None = None) -> AdapterInfo:
+        """Load (or replace) adapter `name` from `path`, served as `version` (None: the server's next
+        number for `name`); a refusal raises RolloutServerError."""
+        request = LoadLoraAdapterRequest(lora_name=name, lora_path=path, version=version)
+        return AdapterInfo.model_validate(self._call("POST", "/v1/load_lora_adapter", request))
 
     def served_version(self, name: str) -> int | None:
         """The version of `name` the server serves now (None if it serves none)."""
         models = ModelsResponse.model_validate(self._call("GET", "/v1/models"))
         return next((m.version for m in models.data if m.kind == "lora" and m.id == name), None)
 
-    def sleep(self, level: int = 1) -> SleepState:
-        """Ask the server to release the GPU."""
-        return SleepState.model_validate(self._call("POST", f"/sleep?level={level}"))
+    def sleep(self, level: int = 1, lease_s: float | None = None) -> SleepState:
+        """Ask the server to release the GPU; with `lease_s` it wakes by itself that much later."""
+        lease = "" if lease_s is None else f"&lease_s={lease_s}"
+        return SleepState.model_validate(self._call("POST", f"/sleep?level={level}{lease}"))
 
     def wake_up(self) -> SleepState:
         """Ask the server to take the GPU back."""
@@ -66,6 +67,25 @@ class RolloutClient:
         """The server's most recent rollouts, newest first, with scores where posted."""
         return SamplesResponse.model_validate(self._call("GET", f"/v1/samples?limit={limit}"))
 
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Poll /health (backoff 0.5 s doubling to 10 s) until it answers 200; RolloutServerError
+        (status 0) after `timeout_s`."""
+        deadline, pause, last = time.monotonic() + timeout_s, 0.5, "no answer"
+        while True:
+            try:
+                r = self._http.get("/health", timeout=10)
+                if r.status_code == 200:
+                    return
+                last = f"/health answered {r.status_code}"
+            except httpx.TransportError as e:
+                last = str(e) or type(e).__name__
+            if time.monotonic() + pause > deadline:
+                raise RolloutServerError(
+                    0, f"{self._http.base_url} did not come back within {timeout_s:.0f} s (last: {last})"
+                )
+            time.sleep(pause)
+            pause = min(2 * pause, 10.0)
+
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
@@ -76,7 +96,7 @@ class RolloutClient:
             try:
                 r = self._http.request(method, path, json=payload)
                 break
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+            except (httpx.NetworkError, httpx.RemoteProtocolError) as e:  # not timeouts: the work may be running
                 if attempt == self._retries:
                     raise RolloutServerError(0, f"cannot reach {self._http.base_url}{path}: {e}") from e
                 time.sleep(2**attempt)
