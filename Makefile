@@ -30,7 +30,7 @@ demo: setup
 	$(RUN) grpo-learner --config configs/supervised.yaml --steps 5
 
 test: setup
-	$(RUN) python -m pytest -m "not gpu"
+	$(RUN) python -m pytest -m "not gpu" --durations=30
 
 check: setup
 	$(RUN) ruff format --check .

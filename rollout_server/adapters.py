@@ -39,7 +39,11 @@ def check_adapter(adapter_root: Path, lora_path: str, *, base_config: dict, max_
     root = adapter_root.resolve()
     where = f"lora_path {lora_path!r}"
     path = _resolve_under(root, Path(lora_path), where)
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as e:  # ENAMETOOLONG (a name over 255 bytes) is raised, where ENOENT answers False
+        raise AdapterLoadError(f"{where}: cannot be read ({e.strerror})") from e
+    if not is_dir:
         raise AdapterLoadError(f"{where}: no such adapter directory under the adapter root")
     for entry in sorted(path.iterdir()):  # vLLM may read any of them (new_embeddings.*, ...)
         _resolve_under(root, entry, f"{where}: {entry.name}")

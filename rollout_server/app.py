@@ -15,36 +15,12 @@ from fastapi.responses import JSONResponse
 
 from rollout_server.engine import RolloutEngine, VllmEngine
 from rollout_server.guard import RequestGuard
+from rollout_server.http_errors import STATUS
 from rollout_server.routes import router
 from rollout_server.service import RolloutService
 from shared.config import ServerConfig
-from shared.errors import (
-    AdapterBusyError,
-    AdapterLoadError,
-    AdapterNotFoundError,
-    EngineDeadError,
-    InvalidRequestError,
-    PayloadTooLargeError,
-    SampleNotFoundError,
-    ServerAsleepError,
-    UnauthorizedError,
-)
 
 log = logging.getLogger("rollout_server")
-
-# Domain errors -> HTTP, in one place.
-_STATUS = {
-    ServerAsleepError: 503,
-    EngineDeadError: 503,
-    AdapterBusyError: 409,
-    AdapterLoadError: 400,
-    AdapterNotFoundError: 404,
-    SampleNotFoundError: 404,
-    InvalidRequestError: 422,
-    RequestValidationError: 422,  # the schema refused the request
-    UnauthorizedError: 401,  # raised in RequestGuard, before routing
-    PayloadTooLargeError: 413,  # likewise
-}
 
 
 def build_app(
@@ -78,7 +54,7 @@ def build_app(
 
     app = FastAPI(title="GRPO rollout server", version="0.1.0", lifespan=lifespan)
     key = (api_key if api_key is not None else os.environ.get("ROLLOUT_API_KEY")) or None
-    app.add_middleware(RequestGuard, api_key=key, max_body_bytes=cfg.max_body_bytes, status=_STATUS)
+    app.add_middleware(RequestGuard, api_key=key, max_body_bytes=cfg.max_body_bytes, status=STATUS)
     app.include_router(router)
 
     def handler(status: int) -> Callable[[Request, Exception], JSONResponse]:
@@ -87,7 +63,7 @@ def build_app(
 
         return respond
 
-    for exc_type, status in _STATUS.items():
+    for exc_type, status in STATUS.items():  # domain errors -> HTTP: http_errors.py
         app.add_exception_handler(exc_type, handler(status))
     return app
 

@@ -1,5 +1,6 @@
-"""HTTP routes: validate, call the service, return a schema. Errors map to HTTP in app.py; the API
-key and the body size are checked before routing, in guard.py."""
+"""HTTP routes: validate, call the service, return a schema. Errors map to HTTP in http_errors.py,
+and each route declares those it raises (`responses=`) so the OpenAPI schema lists every status it
+answers; the API key and the body size are checked before routing, in guard.py."""
 
 from __future__ import annotations
 
@@ -8,10 +9,20 @@ from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from rollout_server.http_errors import UNPARSED_BODY, error_responses
 from rollout_server.service import RolloutService
-from shared.errors import EngineDeadError
+from shared.errors import (
+    AdapterBusyError,
+    AdapterLoadError,
+    AdapterNotFoundError,
+    EngineDeadError,
+    InvalidRequestError,
+    SampleNotFoundError,
+    ServerAsleepError,
+)
 from shared.schemas import (
     AdapterInfo,
     HealthResponse,
@@ -40,14 +51,24 @@ ServiceDep = Annotated[RolloutService, Depends(get_service)]
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", responses=error_responses(EngineDeadError, public=True))
 async def health(service: ServiceDep) -> HealthResponse:
     if (reason := service.dead_reason()) is not None:
         raise EngineDeadError(reason)
     return HealthResponse(is_sleeping=service.sleep_state().is_sleeping)
 
 
-@router.post("/v1/rollouts")
+@router.post(
+    "/v1/rollouts",
+    responses=error_responses(
+        UNPARSED_BODY,
+        RequestValidationError,
+        InvalidRequestError,
+        AdapterNotFoundError,
+        ServerAsleepError,
+        EngineDeadError,
+    ),
+)
 async def rollouts(body: RolloutRequest, service: ServiceDep, request: Request) -> RolloutResponse:
     return await _cancelled_on_disconnect(request, service.rollout(body))
 
@@ -70,28 +91,36 @@ async def _cancelled_on_disconnect(request: Request, work: Coroutine[Any, Any, T
     except asyncio.CancelledError:
         if not task.cancelled() or asyncio.current_task().cancelling():
             raise  # this handler itself was cancelled
+        # Undeclared in the OpenAPI schema: no client is left to read it (it shows in the access log).
         raise HTTPException(499, "the client disconnected; its rollout was aborted") from None
     finally:
         watcher.cancel()
 
 
-@router.post("/v1/load_lora_adapter")
+@router.post(
+    "/v1/load_lora_adapter",
+    responses=error_responses(
+        UNPARSED_BODY, RequestValidationError, AdapterLoadError, AdapterBusyError, ServerAsleepError, EngineDeadError
+    ),
+)
 async def load_lora_adapter(body: LoadLoraAdapterRequest, service: ServiceDep) -> AdapterInfo:
     return await service.load_adapter(body)
 
 
-@router.post("/v1/unload_lora_adapter")
+@router.post(
+    "/v1/unload_lora_adapter", responses=error_responses(UNPARSED_BODY, RequestValidationError, AdapterNotFoundError)
+)
 async def unload_lora_adapter(body: UnloadLoraAdapterRequest, service: ServiceDep) -> dict[str, str]:
     await service.unload_adapter(body.lora_name)
     return {"unloaded": body.lora_name}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=error_responses())
 async def models(service: ServiceDep) -> ModelsResponse:
     return ModelsResponse(data=service.models())
 
 
-@router.post("/sleep")
+@router.post("/sleep", responses=error_responses(RequestValidationError, EngineDeadError))
 async def sleep(
     service: ServiceDep,
     level: Annotated[int, Query(ge=1, le=2)] = 1,
@@ -100,17 +129,17 @@ async def sleep(
     return await service.sleep(level, lease_s)
 
 
-@router.post("/wake_up")
+@router.post("/wake_up", responses=error_responses(EngineDeadError))
 async def wake_up(service: ServiceDep) -> SleepState:
     return await service.wake_up()
 
 
-@router.get("/is_sleeping")
+@router.get("/is_sleeping", responses=error_responses())
 async def is_sleeping(service: ServiceDep) -> SleepState:
     return service.sleep_state()
 
 
-@router.get("/v1/samples")
+@router.get("/v1/samples", responses=error_responses(RequestValidationError))
 async def samples(
     service: ServiceDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 10,
@@ -119,11 +148,22 @@ async def samples(
     return SamplesResponse(samples=service.samples.recent(limit, adapter))
 
 
-@router.post("/v1/samples/{rollout_id}/scores")
+@router.post(
+    "/v1/samples/{rollout_id}/scores",
+    responses=error_responses(UNPARSED_BODY, RequestValidationError, SampleNotFoundError, InvalidRequestError),
+)
 async def post_scores(rollout_id: str, body: SampleScores, service: ServiceDep) -> SampleRecord:
     return await service.samples.attach_scores(rollout_id, body)
 
 
-@router.get("/metrics")
+# response_class=Response: no media type of its own, so the errors stay declared as JSON.
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **error_responses(),
+    },
+)
 async def metrics(service: ServiceDep) -> Response:
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

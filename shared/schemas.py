@@ -84,6 +84,16 @@ def prompt_chars(prompt: Prompt) -> int:
 class RolloutRequest(_Wire):
     """K completions for each of a list of prompts (text or token ids, not both)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"prompts": ["12+7="], "n": 4, "max_tokens": 8, "adapter": "policy"},
+                {"prompts": [[{"role": "user", "content": "12+7="}]], "n": 2, "max_tokens": 8, "seed": 0},
+                {"prompt_token_ids": [[1, 2, 3]], "n": 1, "max_tokens": 4, "temperature": 0},
+            ]
+        }
+    )
+
     prompts: list[Prompt] | None = None
     """Prompt texts (tokenized as the model's tokenizer does: a BOS token when it adds one) or
     conversations (rendered by the model's chat template, with the generation prompt)."""
@@ -181,6 +191,10 @@ class RolloutResponse(_Wire):
 class LoadLoraAdapterRequest(_Wire):
     """Load, or atomically replace, a LoRA adapter under a name."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"lora_name": "policy", "lora_path": "v000001", "version": 1}]}
+    )
+
     lora_name: LoraName
     lora_path: Text = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS)
     """Directory of a peft adapter (safetensors), under the server's adapter root (relative to it, or
@@ -193,6 +207,8 @@ class LoadLoraAdapterRequest(_Wire):
 
 class UnloadLoraAdapterRequest(_Wire):
     """Stop serving an adapter."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"lora_name": "policy"}]})
 
     lora_name: LoraName
 
@@ -246,6 +262,10 @@ class SleepState(_Wire):
 class SampleScores(_Wire):
     """Rewards and advantages the learner attaches to a rollout, shaped [prompt][completion]."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"rewards": [[1.0, 0.0]], "advantages": [[0.7071, -0.7071]], "step": 1}]}
+    )
+
     rewards: list[list[FiniteFloat]]
     advantages: list[list[FiniteFloat]]
     step: int | None = None
@@ -275,6 +295,13 @@ class SamplesResponse(_Wire):
     """What `GET /v1/samples` returns, newest first."""
 
     samples: list[SampleRecord]
+
+
+class ErrorResponse(_Wire):
+    """What every refusal and failure answers (4xx and 503), whatever raised it."""
+
+    detail: str
+    """What was wrong, as one line of text."""
 
 
 class HealthResponse(_Wire):

@@ -18,9 +18,10 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from rollout_server.app import build_app
+from rollout_server.guard import PUBLIC_PATHS
 from rollout_server.samples import SampleStore
 from shared.config import ServerConfig
-from shared.schemas import Completion, PromptRollout, RolloutRequest, SampleRecord, SampleScores
+from shared.schemas import Completion, ErrorResponse, PromptRollout, RolloutRequest, SampleRecord, SampleScores
 from tests.fakes import FakeEngine, write_base_config, write_fake_adapter
 
 KEY = "s3cret"
@@ -61,10 +62,9 @@ def post_raw(client: TestClient, path: str, text: str):
 
 
 def assert_refused(r, status: int, *needles: str) -> str:
-    """A 4xx answer whose JSON body is {"detail": "<text naming every needle>"}."""
+    """A 4xx answer whose JSON body is {"detail": "<text naming every needle>"}, and nothing else."""
     assert r.status_code == status, r.text
-    detail = r.json()["detail"]
-    assert isinstance(detail, str), r.text
+    detail = ErrorResponse.model_validate_json(r.content).detail
     for needle in needles:
         assert needle in detail, detail
     return detail
@@ -520,3 +520,46 @@ def test_sample_file_is_complete_after_shutdown(cfg: ServerConfig, engine: FakeE
 def test_rollout_request_schema_is_unchanged_for_good_input() -> None:
     # The learner's own requests still validate (strict ints take Python ints).
     RolloutRequest(prompts=["a"], n=8, max_tokens=64, temperature=1.0, top_p=1.0, top_k=-1, seed=0, stop=["\n"])
+
+
+# --- 6. the OpenAPI contract: what test_server_contract.py (schemathesis) found -----------------
+
+
+def declared(client: TestClient, path: str, method: str = "post") -> set[str]:
+    """The statuses the app's OpenAPI schema declares for an operation."""
+    return set(client.get("/openapi.json").json()["paths"][path][method]["responses"])
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/rollouts", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/samples/{rollout_id}/scores"]
+)
+def test_a_body_that_is_not_utf8_is_a_declared_400(client: TestClient, path: str) -> None:
+    # FastAPI refuses it with its own 400 before validation; no route declared a 400 for it.
+    r = client.post(
+        path.format(rollout_id="r1"), content=b'{"x": "\xff"}', headers={"Content-Type": "application/json"}
+    )
+    assert_refused(r, 400, "parsing the body")
+    assert "400" in declared(client, path)
+
+
+def test_a_lora_path_whose_name_is_too_long_is_400(client: TestClient, cfg: ServerConfig) -> None:
+    # A name over 255 bytes (NAME_MAX): Path.is_dir() raised ENAMETOOLONG, a 500.
+    write_fake_adapter(cfg.adapter_root / "good")
+    assert client.post("/v1/load_lora_adapter", json={"lora_name": "p", "lora_path": "good"}).status_code == 200
+    r = client.post("/v1/load_lora_adapter", json={"lora_name": "p", "lora_path": "0" * 256})
+    assert_refused(r, 400, "cannot be read", "too long")
+    assert rollout(client, adapter="p")["policy_version"] == 1
+
+
+def test_every_error_status_is_declared_with_the_one_error_body(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            errors = {status: r for status, r in operation["responses"].items() if status != "200"}
+            assert all(r["content"] == error_body for r in errors.values()), (method, path)
+            assert "413" in errors, (method, path)  # the guard reads every body
+            assert ("401" in errors) == (path not in PUBLIC_PATHS), (method, path)
+    # FastAPI's default 422 body is a list of errors; the app answers {"detail": "<text>"}.
+    assert "HTTPValidationError" not in json.dumps(spec)
+    assert spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"].keys() == {"text/plain"}

@@ -1,0 +1,66 @@
+"""Domain errors -> HTTP, in one place: the status each error answers with (app.py's handlers and
+the guard use `STATUS`), and the OpenAPI `responses` a route declares for the errors it can raise.
+
+Every error answers the same body, `ErrorResponse` ({"detail": "<text>"}).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from fastapi.exceptions import RequestValidationError
+
+from shared.errors import (
+    AdapterBusyError,
+    AdapterLoadError,
+    AdapterNotFoundError,
+    EngineDeadError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    SampleNotFoundError,
+    ServerAsleepError,
+    UnauthorizedError,
+)
+from shared.schemas import ErrorResponse
+
+
+class HttpError(NamedTuple):
+    status: int
+    description: str
+    """When it is answered, as the OpenAPI schema tells a client."""
+
+
+ERRORS: dict[type[Exception], HttpError] = {
+    ServerAsleepError: HttpError(503, "the server is asleep: POST /wake_up first"),
+    EngineDeadError: HttpError(503, "the engine is dead: the server exits, for its supervisor to restart it"),
+    AdapterBusyError: HttpError(
+        409, "every adapter slot of the engine holds a version still in use: retry when its requests end"
+    ),
+    AdapterLoadError: HttpError(
+        400, "the adapter was refused (missing, malformed, or outside the adapter root); the old version serves on"
+    ),
+    AdapterNotFoundError: HttpError(404, "no adapter of that name is loaded"),
+    SampleNotFoundError: HttpError(404, "no recorded rollout has that id (evicted, or never made)"),
+    InvalidRequestError: HttpError(422, "over a bound of the server, or scores shaped unlike their rollout"),
+    RequestValidationError: HttpError(422, "the request does not match its schema"),
+    UnauthorizedError: HttpError(401, "missing or wrong API key (when the server has one), checked before routing"),
+    PayloadTooLargeError: HttpError(413, "the body is over the server's max_body_bytes, checked before routing"),
+}
+
+STATUS: dict[type[Exception], int] = {exc: error.status for exc, error in ERRORS.items()}
+
+UNPARSED_BODY = HttpError(400, "the body is not JSON text (not UTF-8, or nested too deep)")
+"""FastAPI's own refusal (an HTTPException) of a JSON body it cannot parse, before validation: every
+route with a body answers it."""
+
+
+def error_responses(*raised: type[Exception] | HttpError, public: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` of a route that raises `raised` (error types, or FastAPI's own refusals as
+    an HttpError), plus the guard's refusals (413; and 401 unless the route is public): one entry
+    per status, each with the body `ErrorResponse`."""
+    guard = (PayloadTooLargeError,) if public else (PayloadTooLargeError, UnauthorizedError)
+    why: dict[int, list[str]] = {}
+    for error in (*raised, *guard):
+        status, description = error if isinstance(error, HttpError) else ERRORS[error]
+        why.setdefault(status, []).append(description)
+    return {status: {"model": ErrorResponse, "description": "; or ".join(reasons)} for status, reasons in why.items()}
