@@ -77,8 +77,8 @@ class ServerLink:
         """Let the learner have the GPU; the server wakes by itself after `sleep_lease_s` unless
         the learner wakes it first."""
         if self._cfg.sleep_server:
+            self._awake = False  # before the call: interrupted mid-call, the server may already sleep
             self._reconnecting(lambda: self._client.sleep(level=1, lease_s=self._cfg.sleep_lease_s))
-            self._awake = False
 
     def wake(self) -> None:
         """Have the server take the GPU back (no call if the learner never put it to sleep)."""

@@ -25,6 +25,7 @@ from tests.servers import server_process
 pytestmark = pytest.mark.integration
 
 ENV = {**os.environ, "ROLLOUT_API_KEY": "", "TQDM_DISABLE": "1"}
+NO_CHECKPOINTS = ["--save-steps", "0"]  # two learners share one output dir: the second starts fresh
 FLOAT32 = ["--dtype", "float32"]  # the learner's dtype on CPU (vLLM's "auto" would be bfloat16)
 
 
@@ -46,6 +47,20 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def stop_while_asleep(learner: subprocess.Popen, url: str, timeout_s: float) -> None:
+    """Freeze the learner (SIGSTOP) at a moment the server sleeps: a learner running on could wake
+    the server between our look and our signal."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert learner.poll() is None and time.monotonic() < deadline, "the server never slept"
+        if sleeping(url):
+            learner.send_signal(signal.SIGSTOP)
+            if sleeping(url):
+                return
+            learner.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+
+
 def sleeping(url: str) -> bool:
     return httpx.get(f"{url}/is_sleeping", timeout=10).json()["is_sleeping"]
 
@@ -59,19 +74,20 @@ def test_a_dying_learner_leaves_the_server_awake(tiny_model_dir: Path, tmp_path:
     out = tmp_path / "run"
     with server_process(tiny_model_dir, out / "adapters", tmp_path / "server.log") as (_, url):
         # Ctrl-C while the server sleeps: the learner wakes it on its way out.
-        learner = start_learner(tiny_model_dir, out, url, "--steps", "200", "--sleep-lease-s", "600")
+        learner = start_learner(tiny_model_dir, out, url, "--steps", "200", "--sleep-lease-s", "600", *NO_CHECKPOINTS)
         try:
-            wait_for(lambda: sleeping(url), 300, "the learner to put the server to sleep")
+            stop_while_asleep(learner, url, 300)
             learner.send_signal(signal.SIGINT)
+            learner.send_signal(signal.SIGCONT)
             assert learner.wait(timeout=60) != 0
         finally:
             learner.kill()
         assert not sleeping(url)
 
         # kill -9 while the server sleeps: nothing runs in the learner, the lease wakes the server.
-        learner = start_learner(tiny_model_dir, out, url, "--steps", "200", "--sleep-lease-s", "3")
+        learner = start_learner(tiny_model_dir, out, url, "--steps", "200", "--sleep-lease-s", "3", *NO_CHECKPOINTS)
         try:
-            wait_for(lambda: sleeping(url), 300, "the learner to put the server to sleep")
+            stop_while_asleep(learner, url, 300)
             learner.kill()
             learner.wait(timeout=30)
             killed_at = time.monotonic()
