@@ -267,27 +267,21 @@ class RolloutService:
             loaded_at=served.loaded_at,
         )
 
-    def _pinned_after_load(self, name: str) -> tuple[int, int]:
-        """Adapter versions the engine must hold once a new version of `name` is loaded: (all of
-        them, those that are some name's current version). A replaced version stays while requests
-        use it; an unused one is dropped at the swap."""
-        current = {s.handle.int_id for n, s in self._adapters.items() if n != name}
-        in_use = {int_id for int_id, users in self._users.items() if users > 0}
-        return len(current | in_use) + 1, len(current) + 1
+    def _in_use_after_load(self) -> int:
+        """Adapter versions requests use once a new version is loaded: those running, plus the new
+        one. Idle versions take no slot (vLLM evicts them from its cache and reloads them from disk
+        on their next request)."""
+        return len({int_id for int_id, users in self._users.items() if users > 0}) + 1
 
     async def _wait_for_slot(self, name: str) -> None:
-        """Wait until the engine's max_loras slots can hold a new version of `name` (older versions
-        finish their requests), at most adapter_slot_wait_s; AdapterBusyError when they cannot."""
+        """Wait until the engine's max_loras slots can hold a new version of `name` next to the
+        versions requests are using, at most adapter_slot_wait_s; AdapterBusyError after that."""
         slots, deadline = self.cfg.max_loras, time.monotonic() + self.cfg.adapter_slot_wait_s
-        while (needed := self._pinned_after_load(name))[0] > slots:
-            if needed[1] > slots:
-                raise AdapterBusyError(
-                    f"serving {needed[1]} adapters at once needs --max-loras {needed[1]} (this server has {slots})"
-                )
+        while (needed := self._in_use_after_load()) > slots:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AdapterBusyError(
-                    f"a new version of {name!r} needs {needed[0]} of the engine's {slots} adapter slots: older "
+                    f"a new version of {name!r} needs {needed} of the engine's {slots} adapter slots: older "
                     f"versions still serve requests after {self.cfg.adapter_slot_wait_s:.0f} s; retry when they end"
                 )
             self._slot_freed.clear()

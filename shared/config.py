@@ -31,8 +31,8 @@ class ServerConfig(_Strict):
     max_lora_rank: int = Field(16, gt=0)
     """Largest LoRA rank the engine accepts; adapters of higher rank are refused."""
     max_loras: int = Field(2, gt=0)
-    """Adapter versions on the engine at once: every served adapter's current version, plus replaced
-    versions until their requests end (2 lets one adapter swap under load)."""
+    """Adapter versions requests may use at once (vLLM's LoRA slots): 2 lets one adapter swap while
+    requests still run on its old version. Idle adapters take no slot: any number can be served."""
     adapter_slot_wait_s: float = Field(30.0, ge=0)
     """A load that needs more than max_loras versions waits this long for older versions' requests
     to end, then answers 409."""
