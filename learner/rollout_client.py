@@ -67,6 +67,18 @@ class RolloutClient:
         """The server's most recent rollouts, newest first, with scores where posted."""
         return SamplesResponse.model_validate(self._call("GET", f"/v1/samples?limit={limit}"))
 
+    def wake_up_on_exit(self, timeout_s: float = 10.0) -> SleepState:
+        """`wake_up` over a new connection with a short timeout: on the way out of an interrupted
+        process (Ctrl-C mid-request), the pool's connections may be left mid-exchange."""
+        with httpx.Client(base_url=self._http.base_url, headers=self._http.headers, timeout=timeout_s) as http:
+            try:
+                r = http.post("/wake_up")
+            except httpx.TransportError as e:
+                raise RolloutServerError(0, f"cannot reach {self._http.base_url}/wake_up: {e}") from e
+        if r.status_code >= 400:
+            raise RolloutServerError(r.status_code, f"POST /wake_up: {r.text}")
+        return SleepState.model_validate(r.json())
+
     def wait_healthy(self, timeout_s: float) -> None:
         """Poll /health (backoff 0.5 s doubling to 10 s) until it answers 200; RolloutServerError
         (status 0) after `timeout_s`."""

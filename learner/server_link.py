@@ -108,7 +108,7 @@ class ServerLink:
         that cannot be reached is left to its lease."""
         if not self._awake:
             try:
-                self._client.wake_up()
+                self._client.wake_up_on_exit()
                 self._awake = True
             except RolloutServerError as e:
                 log.warning("could not wake the rollout server on exit (its sleep lease will): %s", e)
