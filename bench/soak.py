@@ -41,7 +41,7 @@ from pathlib import Path
 
 import httpx
 
-from learner.local_server import free_port, wait_healthy
+from learner.local_server import descendants, free_port, wait_healthy
 from shared.lifeline import die_with_parent
 
 ADAPTERS = ("v1", "v2", "v3")
@@ -92,19 +92,6 @@ def start_server(model_dir: str, adapter_root: Path, log_path: Path) -> tuple[su
 
 
 # --- the server's process tree --------------------------------------------------------------------
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (children, their children, ...), from /proc."""
-    found: set[int] = set()
-    stack = [pid]
-    while stack:
-        for task in Path(f"/proc/{stack.pop()}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                children = {int(c) for c in (task / "children").read_text().split()}
-                stack += children - found
-                found |= children
-    return found
 
 
 def start_time(pid: int) -> str | None:

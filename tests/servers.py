@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from learner.local_server import free_port, local_rollout_server, wait_healthy
+from learner.local_server import descendants, free_port, local_rollout_server, wait_healthy
 from learner.rollout_client import RolloutClient
 
 
@@ -54,19 +54,6 @@ def server_process(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (children, their children, ...), from /proc."""
-    found: set[int] = set()
-    stack = [pid]
-    while stack:
-        for task in Path(f"/proc/{stack.pop()}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                children = {int(c) for c in (task / "children").read_text().split()}
-                stack += children - found
-                found |= children
-    return found
 
 
 def is_alive(pid: int) -> bool:
