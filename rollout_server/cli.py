@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from rollout_server.idle_spin import IDLE_SPIN_VAR, limit_idle_spin_from_env
 from shared.cli import add_model_flags, given_overrides
 from shared.config import ServerConfig
 from shared.lifeline import die_with_parent
@@ -18,6 +19,7 @@ if os.environ.get(SERVER_PID_VAR, str(os.getpid())) != str(os.getpid()):
     # A process the server started: die with its parent, even a server killed with SIGKILL
     # (which runs no cleanup).
     die_with_parent()
+    limit_idle_spin_from_env()
 
 
 def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags into a `ServerConfig` and run the app under uvicorn."""
     cfg, log_level = parse_config(argv)
     os.environ[SERVER_PID_VAR] = str(os.getpid())
+    os.environ[IDLE_SPIN_VAR] = str(cfg.engine_idle_spin_s)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn
