@@ -93,7 +93,7 @@ def train(cfg: LearnerConfig) -> Path | None:
     model_dir = cfg.model or _default_model()
 
     from learner import checkpoint, loop
-    from learner.local_server import local_rollout_server, server_flags
+    from learner.local_server import local_rollout_server, lora_rank_slot, server_flags
     from learner.model import load_policy, loads_in_4bit, served_base, server_dtype, with_model_sampling_defaults
     from learner.rollout_client import RolloutClient
 
@@ -118,7 +118,9 @@ def train(cfg: LearnerConfig) -> Path | None:
                     served,
                     cfg.output_dir / "adapters",
                     log_path=server_log,
-                    extra_args=server_flags({"dtype": server_dtype(), **cfg.server}),
+                    extra_args=server_flags(
+                        {"dtype": server_dtype(), "max_lora_rank": lora_rank_slot(cfg.lora.r), **cfg.server}
+                    ),
                 )
             )
         elif loads_in_4bit(cfg):

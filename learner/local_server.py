@@ -130,6 +130,22 @@ def startup_failure_cause(log_text: str) -> str:
     return non_blank[-1] if non_blank else "(the server wrote nothing)"
 
 
+# The ranks vLLM sizes its LoRA buffers to (vllm.config.lora.MaxLoRARanks in vLLM 0.32).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest LoRA rank vLLM takes as `max_lora_rank` that holds an adapter of `rank`.
+
+    vLLM computes every adapter at the buffers' rank: an r=8 adapter under vLLM's default 16 took
+    22% longer to sample from on CPU (24M-parameter Qwen2, 4 prompts x 8 x 32 tokens).
+    """
+    for slot in VLLM_LORA_RANKS:
+        if rank <= slot:
+            return slot
+    raise ValueError(f"LoRA rank {rank} is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]})")
+
+
 def server_flags(settings: Mapping[str, Any]) -> list[str]:
     """`grpo-rollout-server` flags for ServerConfig fields given by name (LearnerConfig.server).
 

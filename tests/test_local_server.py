@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from learner.local_server import server_flags, startup_failure_cause
+from learner.local_server import lora_rank_slot, server_flags, startup_failure_cause
 from rollout_server.cli import parse_config
 from shared.config import LearnerConfig
 
@@ -119,3 +119,14 @@ def test_server_setting_none_is_the_server_default() -> None:
 def test_bad_server_settings_are_refused_before_launch(server: dict, needle: str) -> None:
     with pytest.raises(ValidationError, match=needle):
         LearnerConfig(server=server)
+
+
+@pytest.mark.parametrize(("rank", "slot"), [(1, 1), (2, 8), (8, 8), (9, 16), (64, 64), (300, 320), (512, 512)])
+def test_the_local_server_sizes_lora_buffers_to_the_adapters_rank(rank: int, slot: int) -> None:
+    assert lora_rank_slot(rank) == slot
+    assert parse_config(["--model", "m", *server_flags({"max_lora_rank": slot})])[0].max_lora_rank == slot
+
+
+def test_a_rank_vllm_cannot_serve_is_named() -> None:
+    with pytest.raises(ValueError, match="LoRA rank 513"):
+        lora_rank_slot(513)
