@@ -9,14 +9,13 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from learner import checkpoint, scoring
-from learner.advantages import group_normalize
+from learner import checkpoint
+from learner.learn import learn_from
 from learner.model import eos_token_ids, next_version, save_adapter
 from learner.prompts import PromptEncoder, PromptSampler, Row
 from learner.rollout_client import RolloutClient
 from learner.run_log import RunLog
 from learner.server_link import ServerLink, logprob_canary
-from learner.update import policy_update
 from shared.config import LearnerConfig
 
 
@@ -46,33 +45,35 @@ def run(cfg: LearnerConfig, rows: list[Row], policy: PeftModel, tokenizer, clien
             completions = [r.completions for r in rollout.results]
             t1 = time.perf_counter()
             text_ids_P_G = [[encode.strip_eos(c.token_ids) for c in group] for group in completions]
-            rewards_P_G = scoring.score(
-                policy, prompt_ids_P, text_ids_P_G, encode.answers(batch), cfg, pad_id=encode.pad_id
-            )
-            advantages_P_G = group_normalize(
-                rewards_P_G, eps=cfg.advantage_eps, scale_by_std=cfg.scale_advantages_by_std
-            )
-            t2 = time.perf_counter()
-            stats = policy_update(
+            learned = learn_from(
                 policy,
                 optimizer,
-                [prompt_ids_P[p] for p, group in enumerate(completions) for _ in group],
-                [c.token_ids for group in completions for c in group],
-                [c.logprobs for group in completions for c in group],
-                advantages_P_G.flatten(),
+                prompt_ids_P,
+                completions,
+                text_ids_P_G,
+                encode.answers(batch),
                 cfg,
                 pad_id=encode.pad_id,
             )
-            t3 = time.perf_counter()
-            if stats.skipped:
+            t2 = time.perf_counter()
+            if learned.stats.skipped:
                 log.note(f"[step {step}] non-finite loss or gradient: update skipped, version {server.version} kept")
             else:
                 version = next_version(adapter_root)
                 saved = save_adapter(policy, adapter_root, version)
                 server.publish(saved, version)
-            server.post_scores(rollout.rollout_id, rewards_P_G, advantages_P_G, step)
-            times = {"generate": t1 - t0, "score": t2 - t1, "update": t3 - t2, "swap": time.perf_counter() - t3}
-            log.step(step, server.version, rewards_P_G, completions, stats, times, sample=(batch[0].prompt_text, 0))
+            server.post_scores(rollout.rollout_id, learned.rewards_P_G, learned.advantages_P_G, step)
+            scored, updated, swapped = learned.score_s, t2 - t1 - learned.score_s, time.perf_counter() - t2
+            times = {"generate": t1 - t0, "score": scored, "update": updated, "swap": swapped}
+            log.step(
+                step,
+                server.version,
+                learned.rewards_P_G,
+                completions,
+                learned.stats,
+                times,
+                sample=(batch[0].prompt_text, 0),
+            )
             checkpoint.save_if_due(cfg, checkpoint.TrainState(step, server.version, saved), policy, optimizer, prompts)
     finally:
         server.close()

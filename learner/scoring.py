@@ -82,6 +82,20 @@ def score(
     return rewards_P_G
 
 
+def rewards_from_policy_logprobs(
+    logprobs_N_T: Tensor, text_mask_N_T: Tensor, keys_N: list[Hashable], group_size: int, cfg: LearnerConfig
+) -> Tensor:
+    """Unsupervised rewards_P_G of N = P * G completions, from the policy's log-probabilities of
+    their tokens at temperature 1 (text tokens where `text_mask_N_T`): what `score` computes, read
+    from a forward that already ran (the update's). Completions with equal keys share the first
+    one's reward exactly, as in `score`."""
+    first_U, inverse_N = _distinct(keys_N)
+    rewards_N = unsupervised_rewards(-logprobs_N_T, text_mask_N_T, empty_reward=cfg.empty_completion_reward)
+    rewards_P_G = rewards_N[first_U][inverse_N].view(-1, group_size)
+    empty_P_G = ~text_mask_N_T.any(dim=1).view(-1, group_size)
+    return floor_empty_rewards(rewards_P_G, empty_P_G, margin=cfg.empty_completion_margin)
+
+
 def _distinct(keys_N: list[Hashable]) -> tuple[list[int], Tensor]:
     """Positions of the first occurrence of each distinct key, and for every key the index of its
     distinct key among those: keys_N[i] == keys_N[first_U[inverse_N[i]]]."""

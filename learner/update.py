@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,24 +40,32 @@ class UpdateStats:
     """True when the loss or gradient was NaN/inf and no step was taken."""
 
 
+AdvantagesFor = Callable[[slice, Tensor, Tensor], Tensor]
+"""advantages_B of the micro-batch `part` of the N sequences, from its policy log-probabilities
+(detached, [B, T]) and their mask: how rewards computed from the update's own forward join it."""
+
+
 def policy_update(
     model: PeftModel,
     optimizer: torch.optim.Optimizer,
     prompt_ids_N: list[list[int]],
     completion_ids_N: list[list[int]],
     sampler_logprobs_N: list[list[float]],
-    advantages_N: Tensor,
+    advantages_N: Tensor | AdvantagesFor,
     cfg: LearnerConfig,
     *,
     pad_id: int,
 ) -> UpdateStats:
     """Accumulate the GRPO loss over micro-batches of the N sampled sequences and step once.
 
-    Each micro-batch's loss is weighted by its share of the batch's normaliser (tokens for
-    token_mean, non-empty sequences for sequence_mean, sequences for token_sum), so the accumulated
-    gradient is that of the loss over the whole batch. A non-finite loss or gradient norm skips
-    the step and leaves the weights as they were.
+    `advantages_N` is given, or computed per micro-batch from the policy's log-probabilities of
+    that micro-batch (`AdvantagesFor`; see learner.learn). Each micro-batch's loss is weighted by
+    its share of the batch's normaliser (tokens for token_mean, non-empty sequences for
+    sequence_mean, sequences for token_sum), so the accumulated gradient is that of the loss over
+    the whole batch. A non-finite loss or gradient norm skips the step and leaves the weights as
+    they were.
     """
+    advantages_for = advantages_N if callable(advantages_N) else lambda part, *_: advantages_N[part]
     sequences = [Sequence.continuation(p, c) for p, c in zip(prompt_ids_N, completion_ids_N, strict=True)]
     mask_N_T = scored_mask(sequences)
     sampler_N_T = torch.zeros(mask_N_T.shape)
@@ -81,7 +90,7 @@ def policy_update(
                 old_logprobs_N_T=learner_logprobs_B_T.detach(),  # one update per batch: ratio 1
                 ref_logprobs_N_T=ref_logprobs_B_T,
                 sampler_logprobs_N_T=sampler_N_T[part, :width].to(device),
-                advantages_N=advantages_N[part].to(device),
+                advantages_N=advantages_for(part, learner_logprobs_B_T.detach(), mask_N_T[part, :width]).to(device),
                 mask_N_T=mask_N_T[part, :width].to(device),
             ),
             cfg.loss,

@@ -1,0 +1,116 @@
+"""From a rollout to an updated policy: rewards, group-normalized advantages, one policy update.
+
+Unsupervised rewards are the policy's own log-probabilities of the completions at temperature 1.
+When the update computes exactly those (it samples at temperature 1 and nothing in the model drops
+out) and every micro-batch holds whole groups, the rewards are read from the update's forward and
+the advantages follow within the micro-batch, before its loss: two forwards per micro-batch
+(reference, policy) instead of three. The rewards come from detached log-probabilities, so no
+gradient flows through them, and the loss is the one the two-pass path computes (the loss is
+linear in the advantages, and they are the same numbers).
+
+The reference pass stays a forward of its own: peft mixes adapters in one batch only in eval mode
+(which would turn off gradient checkpointing), and the reference rows' activations would be kept
+for backward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import Tensor
+
+from learner import scoring
+from learner.advantages import group_normalize
+from learner.update import UpdateStats, policy_update
+from shared.config import LearnerConfig
+from shared.schemas import Completion
+
+
+@dataclass(frozen=True)
+class Learned:
+    rewards_P_G: Tensor
+    advantages_P_G: Tensor
+    stats: UpdateStats
+    score_s: float
+    """Seconds spent scoring in passes of its own (0 when the rewards came from the update's forward)."""
+
+
+def rewards_come_from_the_update(policy: PeftModel, cfg: LearnerConfig, group_size: int) -> bool:
+    """Whether the update's forward computes the rewards' log-probabilities, in micro-batches of
+    whole groups (see the module docstring)."""
+    return (
+        cfg.mode == "unsupervised"
+        and cfg.sampling.temperature == 1.0
+        and cfg.micro_batch_size % group_size == 0
+        and not _drops_out(policy)
+    )
+
+
+def learn_from(
+    policy: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    prompt_ids_P: list[list[int]],
+    completions_P_G: list[list[Completion]],
+    text_ids_P_G: list[list[list[int]]],
+    answer_ids_P: list[list[int]] | None,
+    cfg: LearnerConfig,
+    *,
+    pad_id: int,
+) -> Learned:
+    """Score the completions (`text_ids_P_G`: their tokens without end-of-sequence), normalize
+    within groups, and update the policy on every sampled token."""
+    P, G = len(completions_P_G), len(completions_P_G[0])
+    prompt_ids_N = [prompt_ids_P[p] for p in range(P) for _ in range(G)]
+    completion_ids_N = [c.token_ids for group in completions_P_G for c in group]
+    sampler_logprobs_N = [c.logprobs for group in completions_P_G for c in group]
+
+    def update(advantages):
+        return policy_update(
+            policy, optimizer, prompt_ids_N, completion_ids_N, sampler_logprobs_N, advantages, cfg, pad_id=pad_id
+        )
+
+    if rewards_come_from_the_update(policy, cfg, G):
+        text_ids_N = [t for group in text_ids_P_G for t in group]
+        rewards_N = torch.full((P * G,), torch.nan)
+        advantages_N = torch.full((P * G,), torch.nan)
+
+        def advantages_for(part: slice, logprobs_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
+            text_lens_B = torch.tensor([len(t) for t in text_ids_N[part]])
+            text_mask_B_T = mask_B_T.cpu() & (torch.arange(mask_B_T.shape[1])[None, :] < text_lens_B[:, None])
+            keys_B = [(tuple(p), tuple(t)) for p, t in zip(prompt_ids_N[part], text_ids_N[part], strict=True)]
+            rewards_b_G = scoring.rewards_from_policy_logprobs(logprobs_B_T.cpu(), text_mask_B_T, keys_B, G, cfg)
+            rewards_N[part] = rewards_b_G.flatten()
+            advantages_N[part] = _normalize(rewards_b_G, cfg).flatten()
+            return advantages_N[part]
+
+        stats = update(advantages_for)
+        if not rewards_N.isnan().any():
+            return Learned(rewards_N.view(P, G), advantages_N.view(P, G), stats, score_s=0.0)
+        # A non-finite loss stopped the update before its last micro-batches: score them all
+        # for the record (no step was taken).
+        start = time.perf_counter()
+        rewards_P_G = scoring.score(policy, prompt_ids_P, text_ids_P_G, answer_ids_P, cfg, pad_id=pad_id)
+        return Learned(rewards_P_G, _normalize(rewards_P_G, cfg), stats, score_s=time.perf_counter() - start)
+
+    start = time.perf_counter()
+    rewards_P_G = scoring.score(policy, prompt_ids_P, text_ids_P_G, answer_ids_P, cfg, pad_id=pad_id)
+    advantages_P_G = _normalize(rewards_P_G, cfg)
+    score_s = time.perf_counter() - start
+    return Learned(rewards_P_G, advantages_P_G, update(advantages_P_G.flatten()), score_s)
+
+
+def _normalize(rewards_P_G: Tensor, cfg: LearnerConfig) -> Tensor:
+    return group_normalize(rewards_P_G, eps=cfg.advantage_eps, scale_by_std=cfg.scale_advantages_by_std)
+
+
+def _drops_out(policy: PeftModel) -> bool:
+    """Whether a training-mode forward of `policy` differs from an eval-mode one: a dropout module
+    with p > 0 (LoRA's included) or a non-zero dropout rate in the model's config (attention
+    dropout is applied functionally)."""
+    modules = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in policy.modules())
+    config = policy.get_base_model().config.to_dict()
+    rates = any("dropout" in k and isinstance(v, float) and v > 0 for k, v in config.items())
+    return modules or rates
