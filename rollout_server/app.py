@@ -49,7 +49,7 @@ def build_app(
             yield
         finally:
             watchdog.cancel()
-            await service.samples.close()  # the sample file gets every line already queued
+            await service.close()  # the sample file gets every line already queued
             engine.shutdown()
 
     app = FastAPI(title="GRPO rollout server", version="0.1.0", lifespan=lifespan)

@@ -70,6 +70,12 @@ class RolloutEngine(Protocol):
         """Drop an adapter version no request uses any more."""
         ...
 
+    async def load_weights(self, directory: str) -> None:
+        """Replace the served weights in place by a checkpoint's (safetensors in `directory`, the
+        base model's tensor names), and drop every prefix-cache entry computed with the old ones.
+        No request may be running: vLLM does not protect them."""
+        ...
+
     async def sleep(self, level: int) -> None:
         """Release device memory (level 1: offload weights; level 2: discard them)."""
         ...
@@ -88,7 +94,8 @@ class RolloutEngine(Protocol):
 
 
 class VllmEngine:
-    """`RolloutEngine` over vLLM's in-process `AsyncLLM` with LoRA enabled."""
+    """`RolloutEngine` over vLLM's in-process `AsyncLLM`, with LoRA enabled unless adapters are
+    served merged into the weights."""
 
     def __init__(self, cfg: ServerConfig) -> None:
         # vLLM is imported here, not at module import: the fake-engine tests and `--help` must not
@@ -98,12 +105,14 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._model = cfg.model
         if self.device == "cpu":
             # Tiny models need little KV cache; vLLM's CPU default (4 GiB) is wasteful here.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         args = AsyncEngineArgs(
             model=cfg.model,
-            enable_lora=True,
+            # Merged serving never sends a LoRARequest: without LoRA layers the engine runs at base speed.
+            enable_lora=cfg.adapter_serving == "lora",
             max_lora_rank=cfg.max_lora_rank,
             max_loras=cfg.max_loras,
             max_model_len=cfg.max_model_len,
@@ -186,6 +195,20 @@ class VllmEngine:
     async def remove_lora(self, int_id: int) -> None:
         await self._llm.remove_lora(int_id)
 
+    async def load_weights(self, directory: str) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        try:
+            # Runs in the engine core between steps; tensors cannot be passed instead of a path (the
+            # RPC turns them into lists). The reload also points vLLM's model path at `directory`.
+            await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": directory})
+            # The cache is keyed by token ids only: KV computed by the old weights would be reused.
+            reset = await self._llm.reset_prefix_cache()
+        except VllmEngineDeadError as e:
+            raise EngineDeadError(self.dead_reason() or "the vLLM engine core is dead") from e
+        if not reset:  # vLLM keeps the cache while requests hold blocks of it
+            raise RuntimeError("vLLM did not reset its prefix cache after a weight reload: a request still runs")
+
     async def sleep(self, level: int) -> None:
         # On CPU vLLM logs "sleep mode is not supported on CPU, ignore it." and releases nothing;
         # the service still keeps the state machine, so calling it is harmless.
@@ -194,8 +217,9 @@ class VllmEngine:
     async def wake_up(self, level: int) -> None:
         await self._llm.wake_up()
         if level == 2 and self.device == "cuda":
-            # Level 2 discarded the weights; bring them back from the model directory.
-            await self._llm.collective_rpc("reload_weights")
+            # Level 2 discarded the weights; bring them back from the model directory (named: a
+            # merged serving's reload pointed vLLM's own model path at its merged copy).
+            await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": self._model})
         await self._llm.reset_prefix_cache()
 
     def dead_reason(self) -> str | None:

@@ -16,6 +16,7 @@ from shared.errors import (
     AdapterNotFoundError,
     EngineDeadError,
     InvalidRequestError,
+    MergedAdapterError,
     PayloadTooLargeError,
     SampleNotFoundError,
     ServerAsleepError,
@@ -35,6 +36,11 @@ ERRORS: dict[type[Exception], HttpError] = {
     EngineDeadError: HttpError(503, "the engine is dead: the server exits, for its supervisor to restart it"),
     AdapterBusyError: HttpError(
         409, "every adapter slot of the engine holds a version still in use: retry when its requests end"
+    ),
+    MergedAdapterError: HttpError(
+        409,
+        "another adapter is merged into the weights the server samples from (--adapter-serving merged): "
+        "rollouts of the base model, and loads of another adapter name, wait for its unload",
     ),
     AdapterLoadError: HttpError(
         400, "the adapter was refused (missing, malformed, or outside the adapter root); the old version serves on"

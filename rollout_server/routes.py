@@ -20,6 +20,7 @@ from shared.errors import (
     AdapterNotFoundError,
     EngineDeadError,
     InvalidRequestError,
+    MergedAdapterError,
     SampleNotFoundError,
     ServerAsleepError,
 )
@@ -65,6 +66,7 @@ async def health(service: ServiceDep) -> HealthResponse:
         RequestValidationError,
         InvalidRequestError,
         AdapterNotFoundError,
+        MergedAdapterError,
         ServerAsleepError,
         EngineDeadError,
     ),
@@ -100,7 +102,13 @@ async def _cancelled_on_disconnect(request: Request, work: Coroutine[Any, Any, T
 @router.post(
     "/v1/load_lora_adapter",
     responses=error_responses(
-        UNPARSED_BODY, RequestValidationError, AdapterLoadError, AdapterBusyError, ServerAsleepError, EngineDeadError
+        UNPARSED_BODY,
+        RequestValidationError,
+        AdapterLoadError,
+        AdapterBusyError,
+        MergedAdapterError,
+        ServerAsleepError,
+        EngineDeadError,
     ),
 )
 async def load_lora_adapter(body: LoadLoraAdapterRequest, service: ServiceDep) -> AdapterInfo:
@@ -108,7 +116,11 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, service: ServiceDep) -
 
 
 @router.post(
-    "/v1/unload_lora_adapter", responses=error_responses(UNPARSED_BODY, RequestValidationError, AdapterNotFoundError)
+    "/v1/unload_lora_adapter",
+    # 503s only in merged serving, where an unload reloads the base weights.
+    responses=error_responses(
+        UNPARSED_BODY, RequestValidationError, AdapterNotFoundError, ServerAsleepError, EngineDeadError
+    ),
 )
 async def unload_lora_adapter(body: UnloadLoraAdapterRequest, service: ServiceDep) -> dict[str, str]:
     await service.unload_adapter(body.lora_name)

@@ -2,6 +2,13 @@
 
 Routes call this; this calls the engine. Everything here runs on the event loop, so a check
 followed by a state change with no `await` between them is atomic.
+
+Adapters are served one of two ways (ServerConfig.adapter_serving). lora: each version is a vLLM
+LoRA, and versions of several names serve side by side. merged: one adapter at a time is merged
+into the weights the engine samples from; a load writes the merged checkpoint, then drains (new
+rollouts wait, running ones finish on the old weights), reloads the engine's weights in place and
+publishes the version, all before any waiting rollout starts: a rollout runs on one version, the
+one it is stamped with.
 """
 
 from __future__ import annotations
@@ -10,9 +17,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +30,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
-from rollout_server.adapters import check_adapter, shown_path
+from rollout_server.adapters import check_adapter, shown_path, write_merged
 from rollout_server.engine import LoraHandle, RolloutEngine
 from rollout_server.samples import SampleStore
 from shared.config import ServerConfig
@@ -28,8 +38,10 @@ from shared.errors import (
     AdapterBusyError,
     AdapterLoadError,
     AdapterNotFoundError,
+    ConfigError,
     EngineDeadError,
     InvalidRequestError,
+    MergedAdapterError,
     ServerAsleepError,
 )
 from shared.schemas import (
@@ -53,6 +65,8 @@ class _Served:
     handle: LoraHandle
     version: int
     loaded_at: datetime
+    merged_dir: Path | None = None
+    """Merged serving: the checkpoint the engine samples from, this adapter merged into the base."""
 
 
 class _Metrics:
@@ -93,6 +107,19 @@ class RolloutService:
         self._idle = asyncio.Event()
         self._idle.set()
         self._lock = asyncio.Lock()  # one load/unload/sleep/wake at a time
+        self._weights_ready = asyncio.Event()  # cleared while merged serving swaps weights
+        self._weights_ready.set()
+        self._merged_root: Path | None = None  # merged serving: where merged checkpoints are written
+        if cfg.adapter_serving == "merged":
+            if not any(Path(cfg.model).glob("*.safetensors")):
+                raise ConfigError(f"adapter_serving='merged' needs a safetensors checkpoint in {cfg.model}")
+            self._merged_root = Path(tempfile.mkdtemp(prefix="rollout-merged-"))
+
+    async def close(self) -> None:
+        """Flush the sample log and delete the merged checkpoints."""
+        await self.samples.close()
+        if self._merged_root is not None:
+            await asyncio.to_thread(shutil.rmtree, self._merged_root, ignore_errors=True)
 
     # --- rollouts -----------------------------------------------------------------------------
 
@@ -100,10 +127,15 @@ class RolloutService:
         """K completions per prompt from the requested adapter's current version."""
         self._check_bounds(request)
         self._check_engine()
+        # A merged serving's swap is under way: start on the new weights. Re-checked after every
+        # wake-up (another swap may begin first); from here to _acquire nothing awaits, so the
+        # version read below is the one the whole rollout runs on.
+        while not self._weights_ready.is_set():
+            await self._weights_ready.wait()
         if self._sleep_level is not None:
             self.metrics.requests.labels("asleep").inc()
             raise ServerAsleepError("the server is asleep (POST /wake_up first); no rollout was generated")
-        served = self._served(request.adapter) if request.adapter else None
+        served = self._serving(request.adapter)
         prompt_ids = request.prompt_token_ids or [self.engine.tokenize(p) for p in request.prompts or []]
         vocab_size = self.engine.vocab_size
         for i, ids in enumerate(prompt_ids):
@@ -120,7 +152,8 @@ class RolloutService:
                     f"prompt {i} has {len(ids)} tokens; with max_tokens={request.max_tokens} it exceeds "
                     f"max_model_len={self.engine.max_model_len}"
                 )
-        handle = served.handle if served else None
+        # A merged adapter is in the weights themselves: the engine gets no LoRA.
+        handle = served.handle if served and served.merged_dir is None else None
         rollout_id = uuid.uuid4().hex
         start = time.perf_counter()
         self._acquire(handle)
@@ -224,6 +257,22 @@ class RolloutService:
             raise AdapterNotFoundError(f"no adapter named {name!r} is loaded (GET /v1/models lists them)")
         return served
 
+    def _serving(self, adapter: str | None) -> _Served | None:
+        """What a rollout of `adapter` (None: the base) runs on. MergedAdapterError for the base
+        while an adapter is merged into the weights: it would sample the adapter's weights."""
+        if adapter is not None:
+            return self._served(adapter)
+        if (merged := self._merged()) is not None:
+            raise MergedAdapterError(
+                f"adapter {merged.handle.name!r} is merged into the weights this server samples from "
+                "(--adapter-serving merged): the base model is served again once it is unloaded"
+            )
+        return None
+
+    def _merged(self) -> _Served | None:
+        """The adapter merged into the served weights, if any."""
+        return next((s for s in self._adapters.values() if s.merged_dir is not None), None)
+
     async def load_adapter(self, request: LoadLoraAdapterRequest) -> AdapterInfo:
         """Load `lora_path` as the next version of `lora_name`; the old version serves on failure.
 
@@ -238,6 +287,8 @@ class RolloutService:
             base_config=self._base_config,
             max_rank=self.cfg.max_lora_rank,
         )
+        if self._merged_root is not None:
+            return await self._load_merged(request, path)
         async with self._lock:
             self._check_engine()
             if self._sleep_level is not None:
@@ -252,20 +303,79 @@ class RolloutService:
                 reason = str(e).replace(str(path), request.lora_path)
                 raise AdapterLoadError(f"the engine refused lora_path {request.lora_path!r}: {reason}") from e
             old = self._adapters.get(request.lora_name)
-            version = request.version or self._versions[request.lora_name] + 1
-            self._versions[request.lora_name] = max(self._versions[request.lora_name], version)
-            served = _Served(handle, version, datetime.now(UTC))
+            served = _Served(handle, self._next_version(request), datetime.now(UTC))
             self._adapters[request.lora_name] = served
             if old:
                 self._retired.add(old.handle.int_id)
                 await self._drop_if_unused(old.handle.int_id)
-        self.metrics.adapter_version.labels(request.lora_name).set(served.version)
+        return self._published(served)
+
+    def _next_version(self, request: LoadLoraAdapterRequest) -> int:
+        version = request.version or self._versions[request.lora_name] + 1
+        self._versions[request.lora_name] = max(self._versions[request.lora_name], version)
+        return version
+
+    def _published(self, served: _Served) -> AdapterInfo:
+        self.metrics.adapter_version.labels(served.handle.name).set(served.version)
         return AdapterInfo(
-            lora_name=handle.name,
+            lora_name=served.handle.name,
             version=served.version,
-            lora_path=shown_path(self.cfg.adapter_root, handle.path),
+            lora_path=shown_path(self.cfg.adapter_root, served.handle.path),
             loaded_at=served.loaded_at,
         )
+
+    async def _load_merged(self, request: LoadLoraAdapterRequest, path: Path) -> AdapterInfo:
+        """Merge the adapter at `path` into the base weights and serve them as the next version of
+        `lora_name`; the old version serves on if the adapter cannot be merged.
+
+        Rollouts already running finish on the old weights first, and rollouts that arrive during
+        the swap start on the new ones.
+        """
+        assert self._merged_root is not None
+        async with self._lock:
+            self._check_engine()
+            if self._sleep_level is not None:
+                raise ServerAsleepError("the server is asleep (POST /wake_up first); no adapter was loaded")
+            old = self._merged()
+            if old is not None and old.handle.name != request.lora_name:
+                raise MergedAdapterError(
+                    f"adapter {old.handle.name!r} is merged into the served weights, and merged serving holds "
+                    f"one adapter: unload it before loading {request.lora_name!r}"
+                )
+            handle = LoraHandle(request.lora_name, self._next_int_id, str(path))
+            self._next_int_id += 1
+            merged_dir = self._merged_root / str(handle.int_id)
+            try:
+                # Off the event loop, and before the drain: rollouts go on meanwhile.
+                await asyncio.to_thread(
+                    write_merged, Path(self.cfg.model), path, merged_dir, lora_path=request.lora_path
+                )
+                async with self._drained():
+                    try:
+                        await self.engine.load_weights(str(merged_dir))
+                    except BaseException:
+                        # A reload that failed part-way leaves some layers new: serve the old ones.
+                        await self.engine.load_weights(str(old.merged_dir if old else self.cfg.model))
+                        raise
+                    served = _Served(handle, self._next_version(request), datetime.now(UTC), merged_dir)
+                    self._adapters[request.lora_name] = served  # before any waiting rollout starts
+            except BaseException:
+                await asyncio.to_thread(shutil.rmtree, merged_dir, ignore_errors=True)
+                raise
+            if old is not None:
+                await asyncio.to_thread(shutil.rmtree, old.merged_dir, ignore_errors=True)
+        return self._published(served)
+
+    @contextlib.asynccontextmanager
+    async def _drained(self) -> AsyncIterator[None]:
+        """Run the body with no rollout running: new rollouts wait until it ends, and it starts once
+        those running have finished (on the weights they started with)."""
+        self._weights_ready.clear()
+        try:
+            await self._idle.wait()
+            yield
+        finally:
+            self._weights_ready.set()
 
     def _in_use_after_load(self) -> int:
         """Adapter versions requests use once a new version is loaded: those running, plus the new
@@ -289,12 +399,22 @@ class RolloutService:
                 await asyncio.wait_for(self._slot_freed.wait(), remaining)
 
     async def unload_adapter(self, name: str) -> None:
-        """Stop serving `name`; running requests finish on it first."""
+        """Stop serving `name`; running requests finish on it first. A merged adapter gives the
+        engine the base weights back (reloaded from the model directory)."""
         async with self._lock:
             served = self._served(name)
-            del self._adapters[name]
-            self._retired.add(served.handle.int_id)
-            await self._drop_if_unused(served.handle.int_id)
+            if served.merged_dir is not None:
+                self._check_engine()
+                if self._sleep_level is not None:
+                    raise ServerAsleepError("the server is asleep (POST /wake_up first); the adapter stays merged")
+                async with self._drained():
+                    await self.engine.load_weights(self.cfg.model)
+                    del self._adapters[name]
+                await asyncio.to_thread(shutil.rmtree, served.merged_dir, ignore_errors=True)
+            else:
+                del self._adapters[name]
+                self._retired.add(served.handle.int_id)
+                await self._drop_if_unused(served.handle.int_id)
         self.metrics.adapter_version.remove(name)
 
     async def _drop_if_unused(self, int_id: int) -> None:
@@ -338,6 +458,9 @@ class RolloutService:
             self._set_lease(None)
             if self._sleep_level is not None:
                 await self.engine.wake_up(self._sleep_level)
+                if self._sleep_level == 2 and (merged := self._merged()) is not None:
+                    # Level 2 discarded the weights and the engine reloaded the base's.
+                    await self.engine.load_weights(str(merged.merged_dir))
                 self._sleep_level = None
                 self.metrics.sleeping.set(0)
         return self.sleep_state()

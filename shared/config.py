@@ -36,6 +36,13 @@ class ServerConfig(_Strict):
     adapter_slot_wait_s: float = Field(30.0, ge=0)
     """A load that needs more than max_loras versions waits this long for older versions' requests
     to end, then answers 409."""
+    adapter_serving: Literal["lora", "merged"] = "lora"
+    """How adapters are served. lora: through vLLM's LoRA kernels, several adapters and versions
+    at once (on vLLM-CPU at 1.4x to 2.4x the base's rollout time, 0.6M to 25M models). merged:
+    each load merges the adapter into the served weights (W + alpha/r * B @ A, from the base
+    checkpoint) and reloads them in place once running rollouts finish, so generation runs at the
+    base's speed; one adapter at a time (e.g. the learner's), and rollouts of the base answer 409
+    while one is loaded. Needs a safetensors base; the merged copy is written under $TMPDIR."""
     max_model_len: int | None = Field(None, gt=0)
     """Longest prompt + completion in tokens; None: the model's own limit, as vLLM derives it from
     config.json (max_position_embeddings). Above that limit vLLM refuses to start."""

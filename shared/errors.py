@@ -70,6 +70,12 @@ class AdapterBusyError(GrpoError, RuntimeError):
     older versions still serve requests; retry once they finish (HTTP 409)."""
 
 
+class MergedAdapterError(GrpoError, RuntimeError):
+    """A request needs other weights than the ones the server samples from: with
+    adapter_serving='merged' one adapter is merged into them, so the base model, or a second
+    adapter name, is served only once it is unloaded (HTTP 409)."""
+
+
 class EngineDeadError(GrpoError, RuntimeError):
     """The inference engine died; the server cannot serve and exits so a supervisor restarts it
     (HTTP 503)."""

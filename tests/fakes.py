@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from rollout_server.engine import LoraHandle
 from shared.schemas import Completion, Prompt, RolloutRequest
@@ -25,7 +25,8 @@ BASE_CONFIG = {
 
 
 class FakeEngine:
-    """Completions encode which adapter version made them: token ids [int_id, i, seed]."""
+    """Completions encode which adapter version made them: token ids [int_id, i, seed]. Merged
+    serving's weights are the tensors `load_weights` last read."""
 
     device = "cpu"
     vocab_size = 256  # it tokenizes to bytes
@@ -39,6 +40,9 @@ class FakeEngine:
         self.dead: str | None = None  # a reason: the engine is dead
         self.fail_prompt: list[int] | None = None  # generate() of this prompt raises
         self.cancelled: list[str] = []  # request ids cancelled while generating
+        self.weights: dict[str, torch.Tensor] = {}  # what load_weights last read
+        self.weight_loads = 0  # load_weights calls so far
+        self.generated_on: list[int] = []  # weight_loads at each generate() call
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         text = prompt if isinstance(prompt, str) else "".join(f"{m.role}:{m.content}" for m in prompt)
@@ -54,6 +58,8 @@ class FakeEngine:
     ) -> list[Completion]:
         if prompt_token_ids == self.fail_prompt:
             raise RuntimeError(f"engine failure on request {request_id}")
+        loads = self.weight_loads
+        self.generated_on.append(loads)
         if self.gate is not None:
             try:
                 await self.gate.wait()
@@ -62,6 +68,7 @@ class FakeEngine:
                 raise
         lora_id = lora.int_id if lora else 0
         assert lora is None or lora.int_id in self.loras, "generated with a removed adapter"
+        assert self.weight_loads == loads, "the weights were reloaded under a running request"
         return [
             Completion(
                 text=f"v{lora_id}-{i}",
@@ -79,6 +86,10 @@ class FakeEngine:
         del self.loras[int_id]
         self.removed.append(int_id)
 
+    async def load_weights(self, directory: str) -> None:
+        self.weights = {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
+        self.weight_loads += 1
+
     async def sleep(self, level: int) -> None:
         self.sleep_calls.append(level)
 
@@ -92,19 +103,30 @@ class FakeEngine:
         pass
 
 
+BASE_WEIGHTS = {
+    "model.layers.0.self_attn.q_proj.weight": torch.full((16, 16), 0.5),
+    "model.layers.0.self_attn.k_proj.weight": torch.full((8, 16), -1.0),
+}
+"""Layer 0 attention of BASE_CONFIG: what merged serving merges into (q_proj) or copies (k_proj)."""
+
+
 def write_base_config(model_dir: Path) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(BASE_CONFIG))
+    save_file(BASE_WEIGHTS, str(model_dir / "model.safetensors"))
     return model_dir
 
 
-def write_fake_adapter(path: Path, *, rank: int = 4, hidden: int = 16, fmt: str = "safetensors") -> Path:
-    """A peft-shaped LoRA for q_proj of BASE_CONFIG (or of another hidden size: a wrong base)."""
+def write_fake_adapter(
+    path: Path, *, rank: int = 4, hidden: int = 16, fmt: str = "safetensors", value: float = 1.0, layer: int = 0
+) -> Path:
+    """A peft-shaped LoRA for q_proj of BASE_CONFIG (or of another hidden size: a wrong base): A is
+    all `value`, B all ones, alpha 8, so merged into q_proj it adds 8 * value (alpha / r * r * value)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 8}))
     tensors = {
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(rank, hidden),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(hidden, rank),
+        f"base_model.model.model.layers.{layer}.self_attn.q_proj.lora_A.weight": torch.full((rank, hidden), value),
+        f"base_model.model.model.layers.{layer}.self_attn.q_proj.lora_B.weight": torch.ones(hidden, rank),
     }
     if fmt == "safetensors":
         save_file(tensors, str(path / "adapter_model.safetensors"))
