@@ -5,7 +5,9 @@ reader that finds it empty spins on `sched_yield()` for `SpinCondition.busy_loop
 0.32) after its last message before it blocks on a socket. On a GPU host the spinning core is
 spare; when the learner shares the CPUs (always on CPU, often on a 24 GB one-GPU box) that second
 of a full core is taken from the learner right after every rollout, and its first computation
-(reward scoring) ran 1.0 s instead of 0.06 s on the tiny model (`bench/compare_trl.py`).
+(reward scoring) ran 1.0 s instead of 0.06 s on the tiny model. The server shortens it
+(ServerConfig.engine_idle_spin_s, 50 ms) but never to 0: a reader that never spins lost
+wake-ups between back-to-back messages, each found only by vLLM's 5 s recheck.
 
 The value must be set in the processes vLLM spawns: the server passes it in the environment and
 `rollout_server.cli`, which multiprocessing imports in every spawned child, calls

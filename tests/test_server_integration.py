@@ -73,12 +73,12 @@ def test_k_completions_with_token_ids_and_logprobs(server: str) -> None:
 
 def test_the_engine_stops_spinning_once_a_rollout_returns(server: str) -> None:
     """vLLM's engine processes spin on sched_yield for 1 s after their last message by default: a
-    full core taken from a learner on the same machine right after every rollout. Not here."""
+    full core taken from a learner on the same machine right after every rollout. Here 50 ms."""
     greedy(server)
     server_tree = descendants(os.getpid())  # the server, its engine core and worker
     before = cpu_seconds(server_tree)
     time.sleep(0.5)
-    assert cpu_seconds(server_tree) - before < 0.1
+    assert cpu_seconds(server_tree) - before < 0.15
 
 
 def test_identical_prompts_sample_distinct_streams(server: str) -> None:
