@@ -94,7 +94,14 @@ def train(cfg: LearnerConfig) -> Path | None:
 
     from learner import checkpoint, loop
     from learner.local_server import local_rollout_server, lora_rank_slot, server_flags
-    from learner.model import load_policy, loads_in_4bit, served_base, server_dtype, with_model_sampling_defaults
+    from learner.model import (
+        adapter_serving,
+        load_policy,
+        loads_in_4bit,
+        served_base,
+        server_dtype,
+        with_model_sampling_defaults,
+    )
     from learner.rollout_client import RolloutClient
 
     cfg = with_model_sampling_defaults(cfg, model_dir)
@@ -119,7 +126,12 @@ def train(cfg: LearnerConfig) -> Path | None:
                     cfg.output_dir / "adapters",
                     log_path=server_log,
                     extra_args=server_flags(
-                        {"dtype": server_dtype(), "max_lora_rank": lora_rank_slot(cfg.lora.r), **cfg.server}
+                        {
+                            "dtype": server_dtype(),
+                            "adapter_serving": adapter_serving(),
+                            "max_lora_rank": lora_rank_slot(cfg.lora.r),
+                            **cfg.server,
+                        }
                     ),
                 )
             )
