@@ -29,14 +29,16 @@ Models: "tiny", the bundled Qwen2 (build_tiny_model, seed 0, no warm-up, ~0.6M p
 Per model and system: the median seconds per step over --steps steps after one warm-up step,
 completions/s at that median, the median of each phase, the reward mean of the first steps (the
 warm-up included: the reward is the same function on both sides, so the curves should lie in the
-same range), and the peak resident memory of every process (bench/peak_rss.py): the TRL process;
-the learner, and its rollout server with the server's vLLM engine processes, summed.
+same range), and the peak resident memory (MiB) of every process (bench/peak_rss.py): the TRL
+process; the learner, and its rollout server: the server's process tree together, then its API
+process, vLLM's engine core and worker, and the helpers (multiprocessing's resource tracker, and
+the C++ compilers torch runs when vLLM compiles the model); "all", every process of the run together.
 
-A second table, on the tiny model against a rollout server started here: the hot-swap as the
-learner publishes (save the adapter, POST /v1/load_lora_adapter, check /v1/models serves it), and
-the server's overhead over vLLM's AsyncLLM called directly (bench/direct_rollouts.py, a process of
-its own) with the same requests: 4 prompts x 8 x 32 tokens, the same seeds, from the base model
-and through a LoRA adapter; the target is < 5%.
+A second table, on the tiny model against a rollout server started here with the learner's local
+server's settings: the server's overhead over vLLM's AsyncLLM called directly with the same
+requests (4 prompts x 8 x 32 tokens from the base, the same seeds; bench/direct_rollouts.py takes
+the two in turn; the target is < 5%), and the hot-swap as the learner publishes (save the adapter,
+POST /v1/load_lora_adapter, check /v1/models serves it).
 
 Everything goes under --work-dir (default runs/bench-compare): the models (reused by later runs),
 each run's output directory and log, and results.json with every figure.
@@ -97,6 +99,16 @@ class Workload:
 
 
 @dataclass
+class ProcessGroup:
+    """Peak resident bytes of some processes together, and of each (kind of) process among them
+    (PeakRss.peak)."""
+
+    name: str
+    peak: int
+    parts: dict[str, int]
+
+
+@dataclass
 class RunFigures:
     """One system on one model: seconds and phases of each step after the warm-up step, reward mean
     of every step."""
@@ -105,8 +117,10 @@ class RunFigures:
     seconds: list[float]
     phases: list[dict[str, float]]
     reward_means: list[float]
-    memory: dict[str, dict[str, int]]
-    """Peak resident bytes per process group ("TRL"; "learner", "server"), per process in it."""
+    memory: list[ProcessGroup]
+    """The TRL process; or the learner and its rollout server."""
+    memory_all: int
+    """Peak resident bytes of every process of the run together."""
     processes: list[tuple[str, int]]
     """Every process seen: its command line and peak resident bytes."""
 
@@ -192,12 +206,14 @@ def run_trl(
     cmd = [str(trl_python), "bench/trl_side.py", str(out / "workload.json"), str(out / "result.json")]
     peaks = run_sampled(cmd, out / "trl.log")
     result = json.loads((out / "result.json").read_text())
+    trl = peaks.peak(peaks.subtree(peaks.root_pid))
     return RunFigures(
         system=f"TRL {result['trl_version']} GRPOTrainer",
         seconds=[s["seconds"] for s in result["steps"][1:]],
         phases=[s["phases"] for s in result["steps"][1:]],
         reward_means=[s["reward_mean"] for s in result["steps"]],
-        memory={"TRL": {"TRL": sum(peaks.processes[p].hwm_bytes for p in peaks.subtree(peaks.root_pid))}},
+        memory=[ProcessGroup("TRL", trl, {})],
+        memory_all=trl,
         processes=process_list(peaks),
     )
 
@@ -234,19 +250,22 @@ def run_learner(model_dir: Path, out: Path, w: Workload, steps: int) -> RunFigur
     server = next(p for p, seen in peaks.processes.items() if "rollout_server.cli" in seen.cmdline)
     server_tree = peaks.subtree(server)
     learner_tree = [p for p in peaks.subtree(peaks.root_pid) if p not in server_tree]
-    memory = {"learner": {"learner": sum(peaks.processes[p].hwm_bytes for p in learner_tree)}, "server": {}}
+    kinds: dict[str, list[int]] = {}
     for p in server_tree:
-        label = "api" if p == server else server_process_name(peaks.processes[p].cmdline)
-        memory["server"][label] = memory["server"].get(label, 0) + peaks.processes[p].hwm_bytes
-    memory["server"] = dict(sorted(memory["server"].items(), key=lambda item: item[0] == "helpers"))  # helpers last
+        kinds.setdefault("api" if p == server else server_process_name(peaks.processes[p].cmdline), []).append(p)
+    parts = {kind: peaks.peak(kinds[kind]) for kind in sorted(kinds, key=lambda kind: kind == "helpers")}
+    memory = [
+        ProcessGroup("learner", peaks.peak(learner_tree), {}),
+        ProcessGroup("server", peaks.peak(server_tree), parts),
+    ]
     reward_means = [r["reward_mean"] for r in rows]
-    return RunFigures("grpo-learner", seconds, phases, reward_means, memory, process_list(peaks))
+    memory_all = peaks.peak(learner_tree + server_tree)
+    return RunFigures("grpo-learner", seconds, phases, reward_means, memory, memory_all, process_list(peaks))
 
 
 def server_process_name(cmdline: str) -> str:
     """vLLM names its processes ("VLLM::EngineCore", "VLLM::Worker"); the others below the server are
-    helpers: multiprocessing's resource tracker, and short-lived ones some starts run (compilers on
-    a first start), counted although they come and go (results.json lists them)."""
+    helpers: multiprocessing's resource tracker, and short-lived ones (results.json lists them)."""
     return cmdline.removeprefix("VLLM::").split(" ", 1)[0] if cmdline.startswith("VLLM::") else "helpers"
 
 
@@ -258,27 +277,39 @@ def process_list(peaks: PeakRss) -> list[tuple[str, int]]:
 
 
 def serving_figures(model_dir: Path, out: Path, w: Workload, repeats: int) -> dict:
-    """Hot-swap seconds (save, load, verify) and rollout seconds over HTTP and directly, on `model_dir`."""
-    from learner.local_server import local_rollout_server, lora_rank_slot
-    from learner.model import load_policy, save_adapter
+    """On a server set up as the learner's local one: rollouts from the base over HTTP and directly
+    (bench/direct_rollouts.py, while the server runs), then hot-swaps as the learner publishes."""
+    from learner.local_server import local_rollout_server, lora_rank_slot, server_flags
+    from learner.model import adapter_serving, load_policy, save_adapter, server_dtype
     from learner.prompts import PromptEncoder
     from learner.rollout_client import RolloutClient
-    from shared.schemas import RolloutRequest
 
     cfg = LearnerConfig(model=str(model_dir), lora={"r": w.lora_r, "alpha": w.lora_alpha}, seed=w.seed)
     policy, tokenizer = load_policy(str(model_dir), cfg)
-    with torch.no_grad():  # a fresh LoRA's B is zero: make the adapter change the samples
-        generator = torch.Generator().manual_seed(w.seed)
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     encode = PromptEncoder(tokenizer, cfg)
     prompt_ids = [encode.prompt(row) for row in load_rows(DATA, "unsupervised")[: w.prompts_per_step]]
     root = out / "adapters"
-    figures: dict = {"swap": [], "http": {}}
-    rank = lora_rank_slot(w.lora_r)
-    server_flags = ["--dtype", "float32", "--max-lora-rank", str(rank)]  # as the learner's local server
-    with local_rollout_server(str(model_dir), root, log_path=out / "server.log", extra_args=server_flags) as url:
+    settings = {
+        "dtype": server_dtype(),
+        "adapter_serving": adapter_serving(),
+        "max_lora_rank": lora_rank_slot(w.lora_r),
+    }
+    figures: dict = {"adapter_serving": settings["adapter_serving"], "swap": []}
+    with local_rollout_server(
+        str(model_dir), root, log_path=out / "server.log", extra_args=server_flags(settings)
+    ) as url:
+        # Before any adapter: a server serving a merged adapter refuses rollouts of the base.
+        request = {"url": url, "server": settings, "model": str(model_dir), "prompt_token_ids": prompt_ids}
+        request |= {"n": w.n, "max_tokens": w.max_tokens, "temperature": w.temperature, "seed": w.seed}
+        (out / "rollouts_request.json").write_text(json.dumps(request | {"repeats": repeats}))
+        cmd = [
+            sys.executable,
+            "bench/direct_rollouts.py",
+            str(out / "rollouts_request.json"),
+            str(out / "rollouts.json"),
+        ]
+        run_sampled(cmd, out / "rollouts.log")
+        figures["rollouts"] = json.loads((out / "rollouts.json").read_text())
         client = RolloutClient(url)
         for version in range(1, repeats + 1):
             t0 = time.perf_counter()
@@ -288,32 +319,7 @@ def serving_figures(model_dir: Path, out: Path, w: Workload, repeats: int) -> di
             t2 = time.perf_counter()
             assert client.served_version("policy") == version, "the server does not serve the version just loaded"
             figures["swap"].append({"save": t1 - t0, "load": t2 - t1, "verify": time.perf_counter() - t2})
-        for kind, name, version in (("base", None, 0), ("lora", "policy", repeats)):
-            request = RolloutRequest(
-                prompt_token_ids=prompt_ids,
-                n=w.n,
-                max_tokens=w.max_tokens,
-                temperature=w.temperature,
-                seed=w.seed,
-                adapter=name,
-            )
-            client.generate(request, expected_version=version)  # warm-up
-            seconds = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                response = client.generate(request, expected_version=version)
-                seconds.append(time.perf_counter() - start)
-            token_ids = [[c.token_ids for c in r.completions] for r in response.results]
-            figures["http"][kind] = {"seconds": seconds, "token_ids": token_ids}
         client.close()
-
-    request = {"model": str(model_dir), "adapter": str(adapter), "max_lora_rank": rank}
-    request |= {"prompt_token_ids": prompt_ids, "n": w.n, "max_tokens": w.max_tokens}
-    request |= {"temperature": w.temperature, "seed": w.seed, "repeats": repeats}
-    (out / "direct_request.json").write_text(json.dumps(request))
-    cmd = [sys.executable, "bench/direct_rollouts.py", str(out / "direct_request.json"), str(out / "direct.json")]
-    run_sampled(cmd, out / "direct.log")
-    figures["direct"] = json.loads((out / "direct.json").read_text())
     return figures
 
 
@@ -332,9 +338,9 @@ def training_table(runs: dict[str, list[RunFigures]], params: dict[str, int], w:
             names = list(dict.fromkeys(k for p in f.phases for k in p))
             phases = ", ".join(f"{k} {statistics.median(p.get(k, 0.0) for p in f.phases):.3f}" for k in names)
             rewards = ", ".join(f"{r:.3f}" for r in f.reward_means[:REWARD_STEPS])
-            memory = "; ".join(memory_text(group, parts) for group, parts in f.memory.items())
+            memory = "; ".join(memory_text(group) for group in f.memory)
             if len(f.memory) > 1:
-                memory += f"; all {sum(sum(parts.values()) for parts in f.memory.values()) / MIB:.0f}"
+                memory += f"; all {f.memory_all / MIB:.0f}"
             lines.append(
                 f"| {size} ({params[size] / 1e6:.2f}M) | {f.system} | {median:.3f} | {w.completions / median:.1f} "
                 f"| {phases} | {rewards} | {memory} |"
@@ -342,32 +348,30 @@ def training_table(runs: dict[str, list[RunFigures]], params: dict[str, int], w:
     return "\n".join(lines)
 
 
-def memory_text(group: str, parts: dict[str, int]) -> str:
-    text = f"{group} {sum(parts.values()) / MIB:.0f}"
-    if len(parts) > 1:
-        text += f" ({', '.join(f'{name} {peak / MIB:.0f}' for name, peak in parts.items())})"
+def memory_text(group: ProcessGroup) -> str:
+    text = f"{group.name} {group.peak / MIB:.0f}"
+    if group.parts:
+        text += f" ({', '.join(f'{name} {peak / MIB:.0f}' for name, peak in group.parts.items())})"
     return text
 
 
 def serving_table(figures: dict, w: Workload, repeats: int) -> str:
-    swaps = figures["swap"]
-    totals = [sum(s.values()) for s in swaps]
-    parts = ", ".join(f"{k} {statistics.median(s[k] for s in swaps):.3f}" for k in swaps[0])
-    lines = [
-        f"| tiny model, medians of {repeats} | HTTP (s) | AsyncLLM direct (s) | HTTP overhead | same completions |",
-        "|---|---|---|---|---|",
-        f"| hot-swap: save + load + verify ({parts}) | {statistics.median(totals):.3f} | | | |",
-    ]
-    for kind, label in (("base", "base model"), ("lora", f"LoRA r={w.lora_r}")):
-        http, direct = figures["http"][kind], figures["direct"][kind]
-        http_s, direct_s = statistics.median(http["seconds"]), statistics.median(direct["seconds"])
-        overhead = (http_s / direct_s - 1) * 100
-        same = "yes" if http["token_ids"] == direct["token_ids"] else "no"
-        lines.append(
-            f"| rollout {w.prompts_per_step} prompts x {w.n} x {w.max_tokens} tokens, {label} "
-            f"| {http_s:.3f} | {direct_s:.3f} | {overhead:+.1f}% (target < 5%) | {same} |"
-        )
-    return "\n".join(lines)
+    swaps, rollouts = figures["swap"], figures["rollouts"]
+    swap_parts = ", ".join(f"{k} {statistics.median(s[k] for s in swaps):.3f}" for k in swaps[0])
+    http_s, direct_s = (statistics.median(rollouts[way]["seconds"]) for way in ("http", "direct"))
+    same = "yes" if rollouts["http"]["token_ids"] == rollouts["direct"]["token_ids"] else "no"
+    batch = f"{w.prompts_per_step} prompts x {w.n} x {w.max_tokens} tokens from the base"
+    return "\n".join(
+        [
+            f"| tiny model, medians of {repeats} | s | |",
+            "|---|---|---|",
+            f"| hot-swap ({figures['adapter_serving']} serving, as the learner's local server): save + load + verify "
+            f"| {statistics.median(sum(s.values()) for s in swaps):.3f} | {swap_parts} |",
+            f"| rollout {batch}, HTTP (RolloutClient) | {http_s:.3f} | |",
+            f"| the same through AsyncLLM directly, in turn with HTTP | {direct_s:.3f} "
+            f"| HTTP overhead {(http_s / direct_s - 1) * 100:+.1f}% (target < 5%); same completions: {same} |",
+        ]
+    )
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -419,7 +423,7 @@ def main() -> None:
     serving_dir = work / "serving"
     shutil.rmtree(serving_dir, ignore_errors=True)
     serving_dir.mkdir(parents=True)
-    print("[bench-compare] serving: hot-swaps, rollouts over HTTP and through AsyncLLM directly", flush=True)
+    print("[bench-compare] serving: rollouts over HTTP and through AsyncLLM directly, hot-swaps", flush=True)
     serving = serving_figures(builders["tiny"](), serving_dir, w, args.serving_repeats)
 
     results = {"workload": asdict(w), "threads": threads, "params": params, "serving": serving}

@@ -1,18 +1,19 @@
-"""Rollouts through vLLM's AsyncLLM in this process, with the rollout server's engine settings: the
-baseline against which bench/compare_trl.py measures the server's HTTP overhead.
+"""The rollout server's HTTP overhead: the same rollouts through a running server (as the learner's
+RolloutClient asks for them) and through vLLM's AsyncLLM in this process, built with the server's
+engine settings, taken in turn so that both meet the same machine. Run by bench/compare_trl.py.
 
     .venv/bin/python bench/direct_rollouts.py REQUEST.json RESULT.json
 
-REQUEST.json: {"model", "adapter" (a peft adapter directory), "max_lora_rank", "prompt_token_ids",
-"n", "max_tokens", "temperature", "seed", "repeats"}. The engine is built as
-rollout_server.engine.VllmEngine builds it, from the server's defaults (ServerConfig) but float32
-and that rank; its processes spin idle as long as the server's do (rollout_server/idle_spin.py).
-Each prompt i is sent as the server sends it: one request of n completions seeded seed + i * n, the
-sampled token's logprob at every position, the final output only. For the base model, then through
-the adapter: one warm-up batch, then `repeats` timed batches (all prompts at once, as the server
-runs them), on the event loop the server runs on.
+REQUEST.json: {"url" (the server, serving no adapter yet), "server" (its settings: ServerConfig
+fields), "model", "prompt_token_ids", "n", "max_tokens", "temperature", "seed", "repeats"}. The
+engine here is built as rollout_server.engine.VllmEngine builds it from those settings, and its
+processes spin idle as long as the server's do (rollout_server/idle_spin.py). Each prompt i is sent
+as the server sends it: one request of n completions seeded seed + i * n, the sampled token's
+logprob at every position, the final output only, all prompts at once; on the event loop the
+server runs on. From the base model: one warm-up batch each way, then `repeats` pairs (HTTP, then
+direct).
 
-RESULT.json: {"base" | "lora": {"seconds": [...], "token_ids": the last batch's completions, per
+RESULT.json: {"http" | "direct": {"seconds": [...], "token_ids": the last batch's completions, per
 prompt}}.
 """
 
@@ -28,16 +29,18 @@ from pathlib import Path
 
 import uvloop
 
+from learner.rollout_client import RolloutClient
 from rollout_server.idle_spin import IDLE_SPIN_VAR, limit_idle_spin_from_env
 from shared.config import ServerConfig
+from shared.schemas import RolloutRequest
 
 # vLLM spawns its engine processes, which import this module: there, as in the server's, idle
-# spinning is limited to what main() puts in the environment.
+# spinning is limited to what measure() puts in the environment.
 limit_idle_spin_from_env()
 
 
-async def rollout(llm, request: dict, lora) -> tuple[float, list[list[list[int]]]]:
-    """Seconds for one batch of every prompt's n completions, and their token ids."""
+async def direct_rollout(llm, request: dict) -> tuple[float, list[list[list[int]]]]:
+    """Seconds for one batch of every prompt's n completions through `llm`, and their token ids."""
     from vllm import SamplingParams, TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
@@ -51,9 +54,7 @@ async def rollout(llm, request: dict, lora) -> tuple[float, list[list[list[int]]
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         final = None
-        async for output in llm.generate(
-            TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex, lora_request=lora
-        ):
+        async for output in llm.generate(TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex):
             final = output
         return [list(out.token_ids) for out in sorted(final.outputs, key=lambda o: o.index)]
 
@@ -62,18 +63,32 @@ async def rollout(llm, request: dict, lora) -> tuple[float, list[list[list[int]]
     return time.perf_counter() - start, token_ids
 
 
+def http_rollout(client: RolloutClient, request: dict) -> tuple[float, list[list[list[int]]]]:
+    """Seconds for the same batch through the server, and its token ids."""
+    body = RolloutRequest(
+        prompt_token_ids=request["prompt_token_ids"],
+        n=request["n"],
+        max_tokens=request["max_tokens"],
+        temperature=request["temperature"],
+        seed=request["seed"],
+    )
+    start = time.perf_counter()
+    response = client.generate(body, expected_version=0)
+    seconds = time.perf_counter() - start
+    return seconds, [[c.token_ids for c in r.completions] for r in response.results]
+
+
 async def measure(request: dict) -> dict:
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    cfg = ServerConfig(model=request["model"], dtype="float32", max_lora_rank=request["max_lora_rank"])
+    cfg = ServerConfig(model=request["model"], **request["server"])
     os.environ[IDLE_SPIN_VAR] = str(cfg.engine_idle_spin_s)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # as the server sets it on CPU
     llm = AsyncLLM.from_engine_args(
         AsyncEngineArgs(
             model=cfg.model,
-            enable_lora=True,
+            enable_lora=cfg.adapter_serving == "lora",
             max_lora_rank=cfg.max_lora_rank,
             max_loras=cfg.max_loras,
             max_model_len=cfg.max_model_len,
@@ -82,16 +97,26 @@ async def measure(request: dict) -> dict:
             logprobs_mode="processed_logprobs",
         )
     )
+    client = RolloutClient(request["url"])
+    # Before each rollout the other engine's processes stop spinning (engine_idle_spin_s after their
+    # last message), so that neither way pays for the other's.
+    settle_s = cfg.engine_idle_spin_s + 0.05
     try:
-        lora = LoRARequest("policy#1", 1, request["adapter"])
-        await llm.add_lora(lora)
-        result = {}
-        for name, lora_request in (("base", None), ("lora", lora)):
-            await rollout(llm, request, lora_request)  # warm-up
-            timed = [await rollout(llm, request, lora_request) for _ in range(request["repeats"])]
-            result[name] = {"seconds": [s for s, _ in timed], "token_ids": timed[-1][1]}
-        return result
+        # The learner's client blocks; nothing else runs on this loop meanwhile.
+        http_rollout(client, request)  # warm-up
+        await direct_rollout(llm, request)
+        pairs = []
+        for _ in range(request["repeats"]):
+            await asyncio.sleep(settle_s)
+            http = http_rollout(client, request)
+            await asyncio.sleep(settle_s)
+            pairs.append((http, await direct_rollout(llm, request)))
+        return {
+            way: {"seconds": [p[i][0] for p in pairs], "token_ids": pairs[-1][i][1]}
+            for i, way in enumerate(("http", "direct"))
+        }
     finally:
+        client.close()
         llm.shutdown()
 
 
