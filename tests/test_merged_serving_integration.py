@@ -123,7 +123,9 @@ def test_the_base_is_refused_while_merged_and_comes_back_on_unload(merged: str) 
 def test_no_rollout_mixes_versions_while_swaps_run(merged: str) -> None:
     """A long rollout in flight during a swap finishes on its version; short rollouts fired without
     pause through 4 swaps each match the greedy reference of the adapter their stamp names."""
-    long = {"n": 1, "max_tokens": 120, "temperature": 0}  # ~0.6 s on 2 idle cores: swaps arrive mid-way
+    # Seconds on 2 cores, so the swaps arrive mid-way and the poll below sees it in flight even on a
+    # loaded machine (120 tokens, ~0.6 s, once finished between two polls in CI).
+    long = {"n": 1, "max_tokens": 240, "temperature": 0}
     reference = {}
     for path in ("v1", "v2"):
         load(merged, path)
