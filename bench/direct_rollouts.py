@@ -30,6 +30,7 @@ from pathlib import Path
 import uvloop
 
 from learner.rollout_client import RolloutClient
+from rollout_server.engine import engine_args
 from rollout_server.idle_spin import IDLE_SPIN_VAR, limit_idle_spin_from_env
 from shared.config import ServerConfig
 from shared.schemas import RolloutRequest
@@ -79,24 +80,12 @@ def http_rollout(client: RolloutClient, request: dict) -> tuple[float, list[list
 
 
 async def measure(request: dict) -> dict:
-    from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     cfg = ServerConfig(model=request["model"], **request["server"])
     os.environ[IDLE_SPIN_VAR] = str(cfg.engine_idle_spin_s)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # as the server sets it on CPU
-    llm = AsyncLLM.from_engine_args(
-        AsyncEngineArgs(
-            model=cfg.model,
-            enable_lora=cfg.adapter_serving == "lora",
-            max_lora_rank=cfg.max_lora_rank,
-            max_loras=cfg.max_loras,
-            max_model_len=cfg.max_model_len,
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-            logprobs_mode="processed_logprobs",
-        )
-    )
+    llm = AsyncLLM.from_engine_args(engine_args(cfg, "cpu"))  # the server's own arguments
     client = RolloutClient(request["url"])
     # Before each rollout the other engine's processes stop spinning (engine_idle_spin_s after their
     # last message), so that neither way pays for the other's.

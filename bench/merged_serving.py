@@ -7,7 +7,7 @@ warm-up; a swap is one POST /v1/load_lora_adapter, alternating two adapters, the
 --repeats. Models: the bundled tiny model (0.59M) and a random ~24M Qwen2 (hidden 512, 8 layers,
 8 heads of 64, the tiny model's tokenizer), both float32. Prints a table; asserts nothing.
 
-    .venv/bin/python bench/merged_serving.py [--repeats 5] [--models tiny 24m]
+    .venv/bin/python bench/merged_serving.py [--repeats 5] [--models tiny 25m]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from compare_trl import build_qwen2_25m  # bench/, this script's directory
 
 from learner.local_server import local_rollout_server
 from learner.tiny_model import build_tiny_model
@@ -27,30 +28,6 @@ from learner.tiny_model import build_tiny_model
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--max-lora-rank", "8", "--max-loras", "1"]
 ROLLOUT = {"prompts": ["12+7=", "the cat", "3+4=", "a dog"], "n": 8, "max_tokens": 32, "temperature": 1.0, "seed": 0}
-
-
-def build_24m(out: Path, tokenizer_dir: Path) -> Path:
-    """A random Qwen2 of ~24M parameters with the tiny model's tokenizer (vocab 1024)."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1280,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def random_adapter(model_dir: Path, out: Path, seed: int) -> None:
@@ -117,11 +94,11 @@ def measure(model: Path, work: Path, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed rollouts and swaps per figure (default 5)")
-    parser.add_argument("--models", nargs="+", choices=["tiny", "24m"], default=["tiny", "24m"])
+    parser.add_argument("--models", nargs="+", choices=["tiny", "25m"], default=["tiny", "25m"])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grpo-bench-merged-"))
     tiny = build_tiny_model(work / "tiny", seed=0)
-    models = {"tiny": tiny, "24m": build_24m(work / "qwen2-24m", tiny)}
+    models = {"tiny": tiny, "25m": build_qwen2_25m(work / "qwen2-25m")}
     rows = []
     for name in args.models:
         from transformers import AutoConfig, AutoModelForCausalLM

@@ -93,6 +93,26 @@ class RolloutEngine(Protocol):
         ...
 
 
+def engine_args(cfg: ServerConfig, device: str):
+    """vLLM's `AsyncEngineArgs` for `cfg` on `device` ("cuda" or "cpu")."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(
+        model=cfg.model,
+        # Merged serving never sends a LoRARequest: without LoRA layers the engine runs at base speed.
+        enable_lora=cfg.adapter_serving == "lora",
+        max_lora_rank=cfg.max_lora_rank,
+        max_loras=cfg.max_loras,
+        max_model_len=cfg.max_model_len,
+        dtype=cfg.dtype,
+        seed=cfg.seed,
+        # The learner compares its logprobs (at the sampling temperature) with these.
+        logprobs_mode="processed_logprobs",
+        enable_sleep_mode=cfg.enable_sleep_mode and device == "cuda",
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+    )
+
+
 class VllmEngine:
     """`RolloutEngine` over vLLM's in-process `AsyncLLM`, with LoRA enabled unless adapters are
     served merged into the weights."""
@@ -101,7 +121,6 @@ class VllmEngine:
         # vLLM is imported here, not at module import: the fake-engine tests and `--help` must not
         # pay for (or need) it.
         import torch
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,21 +128,7 @@ class VllmEngine:
         if self.device == "cpu":
             # Tiny models need little KV cache; vLLM's CPU default (4 GiB) is wasteful here.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        args = AsyncEngineArgs(
-            model=cfg.model,
-            # Merged serving never sends a LoRARequest: without LoRA layers the engine runs at base speed.
-            enable_lora=cfg.adapter_serving == "lora",
-            max_lora_rank=cfg.max_lora_rank,
-            max_loras=cfg.max_loras,
-            max_model_len=cfg.max_model_len,
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-            # The learner compares its logprobs (at the sampling temperature) with these.
-            logprobs_mode="processed_logprobs",
-            enable_sleep_mode=cfg.enable_sleep_mode and self.device == "cuda",
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-        )
-        self._llm = AsyncLLM.from_engine_args(args)
+        self._llm = AsyncLLM.from_engine_args(engine_args(cfg, self.device))
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len  # derived by vLLM when cfg's is None
         # vLLM's own bound on prompt ids: the model's embedding rows or the tokenizer's ids, whichever
