@@ -420,19 +420,22 @@ def main() -> None:
             else:
                 runs[size].append(run_learner(model_dir, out, w, steps))
 
-    serving_dir = work / "serving"
-    shutil.rmtree(serving_dir, ignore_errors=True)
-    serving_dir.mkdir(parents=True)
-    print("[bench-compare] serving: rollouts over HTTP and through AsyncLLM directly, hot-swaps", flush=True)
-    serving = serving_figures(builders["tiny"](), serving_dir, w, args.serving_repeats)
-
-    results = {"workload": asdict(w), "threads": threads, "params": params, "serving": serving}
+    # The training figures are kept and shown before the serving ones are taken: a failure there
+    # loses nothing measured so far.
+    results = {"workload": asdict(w), "threads": threads, "params": params}
     results["runs"] = {size: [asdict(f) for f in figures] for size, figures in runs.items()}
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print()
-    print(training_table(runs, params, w, args.steps))
+    print(training_table(runs, params, w, args.steps), flush=True)
+
+    serving_dir = work / "serving"
+    shutil.rmtree(serving_dir, ignore_errors=True)
+    serving_dir.mkdir(parents=True)
+    print("\n[bench-compare] serving: rollouts over HTTP and through AsyncLLM directly, hot-swaps", flush=True)
+    results["serving"] = serving_figures(builders["tiny"](), serving_dir, w, args.serving_repeats)
+    (work / "results.json").write_text(json.dumps(results, indent=1))
     print()
-    print(serving_table(serving, w, args.serving_repeats))
+    print(serving_table(results["serving"], w, args.serving_repeats))
     print(f"\n{threads} torch threads each; every figure in {work / 'results.json'}")
 
 
