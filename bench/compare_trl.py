@@ -380,7 +380,9 @@ def serving_table(figures: dict, w: Workload, repeats: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="measured steps per run, after 1 warm-up step")
-    parser.add_argument("--sizes", nargs="+", choices=("tiny", "25m"), default=["tiny", "25m"], help="models")
+    parser.add_argument(
+        "--sizes", nargs="*", choices=("tiny", "25m"), default=["tiny", "25m"], help="models (none: serving only)"
+    )
     parser.add_argument("--serving-repeats", type=int, default=10, help="hot-swaps and timed rollouts each")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs/bench-compare", help="models, runs, results")
     parser.add_argument(
@@ -425,8 +427,9 @@ def main() -> None:
     results = {"workload": asdict(w), "threads": threads, "params": params}
     results["runs"] = {size: [asdict(f) for f in figures] for size, figures in runs.items()}
     (work / "results.json").write_text(json.dumps(results, indent=1))
-    print()
-    print(training_table(runs, params, w, args.steps), flush=True)
+    if runs:
+        print()
+        print(training_table(runs, params, w, args.steps), flush=True)
 
     serving_dir = work / "serving"
     shutil.rmtree(serving_dir, ignore_errors=True)
