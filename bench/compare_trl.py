@@ -65,7 +65,8 @@ from peak_rss import PeakRss  # bench/, this script's directory
 from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-from learner.prompts import PromptSampler, load_rows
+from learner.data import load_rows
+from learner.prompts import PromptSampler
 from learner.tiny_model import build_tiny_model, write_tokenizer
 from shared.config import LearnerConfig
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from learner.prompts import load_rows
+from learner.data import load_data
 from shared.cli import add_model_flags, deep_merge, given_overrides
 from shared.config import LearnerConfig
 from shared.errors import ConfigError, GrpoError
@@ -28,10 +28,20 @@ take one KL-penalized clipped policy-gradient step on the LoRA weights, save the
 (atomically, as a new version), wake the server and hot-load that version, then check the server
 serves it.
 
-Modes: unsupervised (rows {"text": ...}; reward = minus the mean NLL of the completion tokens;
-an empty completion gets its group's worst reward minus --empty-completion-margin) and
-supervised (rows {"prompt", "answer"}; --reward answer_perplexity | completion_cross_entropy;
-rewards in [0, 1]).
+Modes: unsupervised (rows {"text": ...} or {"prompt": ...}; reward = minus the mean NLL of the
+completion tokens; an empty completion gets its group's worst reward minus
+--empty-completion-margin) and supervised (rows {"prompt", "answer"}; --reward answer_perplexity
+| completion_cross_entropy; rewards in [0, 1]). A prompt is a text or a list of chat messages
+({"role", "content"}, through the model's chat template). --data reads .jsonl, .json, .parquet
+and .arrow files and datasets save_to_disk directories (offline); --prompt-key / --answer-key
+rename the columns, and other columns are kept for reward functions. --eval-data or
+--eval-fraction holds rows out of training.
+
+--reward-funcs A B ... replaces the mode's reward with the weighted sum (--reward-weights) of
+built-ins (completion_log_likelihood, the unsupervised reward; answer_perplexity and
+completion_cross_entropy, supervised) and Python functions written for TRL's GRPOTrainer,
+given as package.module:function or path/to/file.py:function: fn(prompts, completions,
+completion_ids, **columns) -> one float, or None where it does not apply, per completion.
 
 The base model loads in 4-bit NF4 (bitsandbytes) on CUDA; bitsandbytes 4-bit is a CUDA path,
 so on CPU the base stays in float32. With no --server-url, a local rollout server is started as
@@ -83,8 +93,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def train(cfg: LearnerConfig) -> Path | None:
     """Run `cfg`; returns the last adapter directory."""
-    rows = load_rows(cfg.data, cfg.mode)  # bad data stops here, before any model is loaded
-    log.info("%d %s rows from %s", len(rows), cfg.mode, cfg.data)
+    data = load_data(cfg)  # bad data stops here, before any model is loaded
+    log.info("%d %s rows from %s, %d held out", len(data.train), cfg.mode, cfg.data, len(data.eval))
+    from learner import reward_funcs
+
+    reward_funcs.load(cfg)  # so do unknown or broken reward functions
     if cfg.sampling.top_p < 1 or cfg.sampling.top_k != -1:
         log.warning(
             "top_p/top_k truncate the sampler's distribution; the learner's logprobs are not truncated, "
@@ -92,7 +105,7 @@ def train(cfg: LearnerConfig) -> Path | None:
         )
     model_dir = cfg.model or _default_model()
 
-    from learner import checkpoint, loop
+    from learner import checkpoint, loop, trackers
     from learner.local_server import local_rollout_server, lora_rank_slot, server_flags
     from learner.model import (
         adapter_serving,
@@ -112,6 +125,7 @@ def train(cfg: LearnerConfig) -> Path | None:
     )
 
     checkpoint.resume_point(cfg)  # a bad --resume, or checkpoints a fresh start would mix with, stop here
+    trackers.check_installed(cfg.report_to)  # a tracker that is not installed, too
     policy, tokenizer = load_policy(model_dir, cfg)
     with ExitStack() as stack:
         url = cfg.server_url
@@ -144,7 +158,7 @@ def train(cfg: LearnerConfig) -> Path | None:
             )
         client = RolloutClient(url, api_key=cfg.api_key or os.environ.get("ROLLOUT_API_KEY"))
         stack.callback(client.close)
-        last = loop.run(cfg, rows, policy, tokenizer, client)
+        last = loop.run(cfg, data.train, policy, tokenizer, client, eval_rows=data.eval)
     log.info("done: last adapter %s; metrics in %s", last, cfg.output_dir / "metrics.jsonl")
     return last
 

@@ -1,12 +1,13 @@
 """From a rollout to an updated policy: rewards, group-normalized advantages, one policy update.
 
 Unsupervised rewards are the policy's own log-probabilities of the completions at temperature 1.
-When the update computes exactly those (it samples at temperature 1 and nothing in the model drops
-out) and every micro-batch holds whole groups, the rewards are read from the update's forward and
-the advantages follow within the micro-batch, before its loss: two forwards per micro-batch
-(reference, policy) instead of three. The rewards come from detached log-probabilities, so no
-gradient flows through them, and the loss is the one the two-pass path computes (the loss is
-linear in the advantages, and they are the same numbers).
+When they are the whole reward (no other `reward_funcs`), the update computes exactly those (it
+samples at temperature 1 and nothing in the model drops out) and every micro-batch holds whole
+groups, the rewards are read from the update's forward and the advantages follow within the
+micro-batch, before its loss: two forwards per micro-batch (reference, policy) instead of three.
+The rewards come from detached log-probabilities, so no gradient flows through them, and the loss
+is the one the two-pass path computes (the loss is linear in the advantages, and they are the same
+numbers). Any other reward is computed whole before the update (`reward_funcs.score`).
 
 The reference pass stays a forward of its own: peft mixes adapters in one batch only in eval mode
 (which would turn off gradient checkpointing), and the reference rows' activations would be kept
@@ -16,14 +17,17 @@ for backward.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from peft import PeftModel
 from torch import Tensor
 
-from learner import scoring
+from learner import reward_funcs, scoring
 from learner.advantages import group_normalize
+from learner.prompts import Row
+from learner.reward_funcs import RewardFunc
 from learner.update import UpdateStats, policy_update
 from shared.config import LearnerConfig
 from shared.schemas import Completion
@@ -36,13 +40,17 @@ class Learned:
     stats: UpdateStats
     score_s: float
     """Seconds spent scoring in passes of its own (0 when the rewards came from the update's forward)."""
+    components_P_G: dict[str, Tensor] = field(default_factory=dict)
+    """Each reward function's own rewards (before weighting), by name; NaN where one did not apply.
+    Empty when the reward is a single built-in function at weight 1 (then it is `rewards_P_G`)."""
 
 
 def rewards_come_from_the_update(policy: PeftModel, cfg: LearnerConfig, group_size: int) -> bool:
     """Whether the update's forward computes the rewards' log-probabilities, in micro-batches of
-    whole groups (see the module docstring)."""
+    whole groups (see the module docstring): the reward is the unsupervised one alone."""
     return (
         cfg.mode == "unsupervised"
+        and reward_funcs.is_the_mode_reward(cfg)
         and cfg.sampling.temperature == 1.0
         and cfg.micro_batch_size % group_size == 0
         and not _drops_out(policy)
@@ -59,9 +67,19 @@ def learn_from(
     cfg: LearnerConfig,
     *,
     pad_id: int,
+    reward_fns: list[RewardFunc],
+    rows_P: list[Row],
+    decode: Callable[[list[int]], str],
+    step: int,
 ) -> Learned:
     """Score the completions (`text_ids_P_G`: their tokens without end-of-sequence), normalize
-    within groups, and update the policy on every sampled token."""
+    within groups, and update the policy on every sampled token.
+
+    The reward is the weighted sum of `reward_fns` (`reward_funcs.score`; Python functions get
+    the prompts and columns of `rows_P` and the completions' text by `decode`). Every reward is
+    computed before the update: a reward function that fails (RewardFunctionError, naming it and
+    `step`) leaves the policy and the optimizer as they were.
+    """
     P, G = len(completions_P_G), len(completions_P_G[0])
     prompt_ids_N = [prompt_ids_P[p] for p in range(P) for _ in range(G)]
     completion_ids_N = [c.token_ids for group in completions_P_G for c in group]
@@ -96,10 +114,22 @@ def learn_from(
         return Learned(rewards_P_G, _normalize(rewards_P_G, cfg), stats, score_s=time.perf_counter() - start)
 
     start = time.perf_counter()
-    rewards_P_G = scoring.score(policy, prompt_ids_P, text_ids_P_G, answer_ids_P, cfg, pad_id=pad_id)
+    rewards_P_G, components_P_G = reward_funcs.score(
+        reward_fns,
+        policy,
+        prompt_ids_P,
+        completions_P_G,
+        text_ids_P_G,
+        answer_ids_P,
+        rows_P,
+        decode,
+        cfg,
+        pad_id=pad_id,
+        step=step,
+    )
     advantages_P_G = _normalize(rewards_P_G, cfg)
     score_s = time.perf_counter() - start
-    return Learned(rewards_P_G, advantages_P_G, update(advantages_P_G.flatten()), score_s)
+    return Learned(rewards_P_G, advantages_P_G, update(advantages_P_G.flatten()), score_s, components_P_G)
 
 
 def _normalize(rewards_P_G: Tensor, cfg: LearnerConfig) -> Tensor:

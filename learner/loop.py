@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
-from learner import checkpoint
+from learner import checkpoint, reward_funcs
+from learner.evaluate import Evaluation
 from learner.learn import learn_from
 from learner.model import eos_token_ids, next_version, save_adapter
 from learner.prompts import PromptEncoder, PromptSampler, Row
@@ -19,23 +21,36 @@ from learner.server_link import ServerLink, logprob_canary
 from shared.config import LearnerConfig
 
 
-def run(cfg: LearnerConfig, rows: list[Row], policy: PeftModel, tokenizer, client: RolloutClient) -> Path | None:
-    """Train `policy` up to step `cfg.steps` (from a checkpoint's next step when resuming); returns the
-    adapter version served last (None: the base model)."""
+def run(
+    cfg: LearnerConfig,
+    rows: list[Row],
+    policy: PeftModel,
+    tokenizer,
+    client: RolloutClient,
+    *,
+    eval_rows: Sequence[Row] = (),
+) -> Path | None:
+    """Train `policy` on `rows` up to step `cfg.steps` (from a checkpoint's next step when resuming),
+    evaluating on `eval_rows` every `cfg.eval_steps`; returns the adapter version served last
+    (None: the base model)."""
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
     prompts = PromptSampler(rows, cfg.prompts_per_step, cfg.seed)
     encode = PromptEncoder(tokenizer, cfg, eos_ids=eos_token_ids(policy.generation_config, tokenizer))
+    reward_fns = reward_funcs.load(cfg)  # learner.cli checked them before the model loaded
+    evaluation = Evaluation(cfg, list(eval_rows), encode, reward_fns, policy, tokenizer.decode)
     adapter_root = cfg.output_dir / "adapters"
     canary = partial(logprob_canary, policy=policy, prompt_ids=encode.prompt(rows[0]), cfg=cfg, pad_id=encode.pad_id)
     server = ServerLink(client, cfg, canary)  # survives server restarts; wakes the server on exit
     start = checkpoint.restore(cfg, policy, optimizer, prompts)  # step 0, or a checkpoint's step
     saved = start.adapter  # None: a fresh LoRA is a no-op, so step 1 samples the base
-    log = RunLog(cfg.output_dir, cfg.steps, sample_every=cfg.sample_every, done=start.step)
+    log = RunLog(cfg, done=start.step)
     try:
         if saved:
             server.publish(saved, start.version)
+        if start.step == 0:
+            evaluation.after_step(0, server, log)  # the base model, before any update
         for step in range(start.step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             batch = prompts.next_batch()
@@ -54,6 +69,10 @@ def run(cfg: LearnerConfig, rows: list[Row], policy: PeftModel, tokenizer, clien
                 encode.answers(batch),
                 cfg,
                 pad_id=encode.pad_id,
+                reward_fns=reward_fns,
+                rows_P=batch,
+                decode=tokenizer.decode,
+                step=step,
             )
             t2 = time.perf_counter()
             if learned.stats.skipped:
@@ -62,18 +81,13 @@ def run(cfg: LearnerConfig, rows: list[Row], policy: PeftModel, tokenizer, clien
                 version = next_version(adapter_root)
                 saved = save_adapter(policy, adapter_root, version)
                 server.publish(saved, version)
-            server.post_scores(rollout.rollout_id, learned.rewards_P_G, learned.advantages_P_G, step)
+            server.post_scores(
+                rollout.rollout_id, learned.rewards_P_G, learned.advantages_P_G, step, learned.components_P_G
+            )
             scored, updated, swapped = learned.score_s, t2 - t1 - learned.score_s, time.perf_counter() - t2
             times = {"generate": t1 - t0, "score": scored, "update": updated, "swap": swapped}
-            log.step(
-                step,
-                server.version,
-                learned.rewards_P_G,
-                completions,
-                learned.stats,
-                times,
-                sample=(batch[0].prompt_text, 0),
-            )
+            log.step(step, server.version, rollout, learned, times, prompts=[row.prompt for row in batch])
+            evaluation.after_step(step, server, log)
             checkpoint.save_if_due(cfg, checkpoint.TrainState(step, server.version, saved), policy, optimizer, prompts)
     finally:
         server.close()

@@ -1,39 +1,57 @@
-"""Training data: JSONL rows validated one by one, served as shuffled batches of prompts."""
+"""Training rows, served as shuffled batches of prompts and tokenized one way for sampling and scoring.
+
+learner.data reads the files these rows come from.
+"""
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from shared.config import LearnerConfig
-from shared.errors import DataError
 from shared.prompts import prompt_token_ids
-from shared.schemas import ChatMessage, RolloutRequest
+from shared.schemas import Prompt, RolloutRequest
 
 
 class UnsupervisedRow(BaseModel):
-    """`{"text": ...}`: the text is the prompt; the reward needs no label."""
+    """`{"text": ...}` (a document: its opening is the prompt) or TRL's prompt-only `{"prompt": ...}`
+    (a text or a conversation); the reward needs no label."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    text: str = Field(min_length=1)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    text: str | None = Field(None, min_length=1)
+    """The document of a `{"text"}` row; None for a `{"prompt"}` row."""
+    prompt: Annotated[Prompt, Field(min_length=1)]
+    """The prompt as given: a `{"text"}` row's text, or a `{"prompt"}` row's text or conversation."""
+    extra: dict[str, JsonValue] = Field(default_factory=dict)
+    """The row's other columns, by name (reward functions take them as keyword columns)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_the_prompt(cls, data: Any) -> Any:
+        """A `{"text"}` row's prompt is its text, so every row has `prompt` as given."""
+        if isinstance(data, dict) and data.get("text") is not None:
+            if data.get("prompt") is not None:
+                raise ValueError("a row has a text or a prompt, not both")
+            return {**data, "prompt": data["text"]}
+        return data
 
     @property
     def prompt_text(self) -> str:
-        """The text sent as the prompt."""
-        return self.text
+        """The prompt as one line of text (a conversation's last message) for logs."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[-1].content
 
 
 class SupervisedRow(BaseModel):
     """`{"prompt": ..., "answer": ...}`: the reward measures the answer's likelihood. The prompt is a
     text or a conversation (`[{"role": ..., "content": ...}, ...]`, through the chat template)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    prompt: str | list[ChatMessage] = Field(min_length=1)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prompt: Annotated[Prompt, Field(min_length=1)]
     answer: str = Field(min_length=1)
+    extra: dict[str, JsonValue] = Field(default_factory=dict)
+    """The row's other columns, by name (reward functions take them as keyword columns)."""
 
     @property
     def prompt_text(self) -> str:
@@ -42,34 +60,6 @@ class SupervisedRow(BaseModel):
 
 
 Row = UnsupervisedRow | SupervisedRow
-
-
-def load_rows(path: Path, mode: Literal["unsupervised", "supervised"]) -> list[Row]:
-    """Every row of a JSONL file, or a DataError naming the file, line and field of the first bad one."""
-    row_type = UnsupervisedRow if mode == "unsupervised" else SupervisedRow
-    if not path.is_file():
-        raise DataError(str(path), 0, "-", "no such file")
-    rows: list[Row] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(str(path), line_no, "-", f"not valid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(obj, dict):
-                raise DataError(str(path), line_no, "-", f"expected a JSON object, got {type(obj).__name__}")
-            try:
-                rows.append(row_type.model_validate(obj))
-            except ValidationError as e:
-                error = e.errors()[0]
-                field = ".".join(str(p) for p in error["loc"]) or "-"
-                hint = f" ({mode} mode reads {list(row_type.model_fields)})" if error["type"] == "missing" else ""
-                raise DataError(str(path), line_no, field, error["msg"] + hint) from e
-    if not rows:
-        raise DataError(str(path), 0, "-", "the file holds no rows")
-    return rows
 
 
 class PromptSampler:
@@ -106,9 +96,9 @@ class PromptSampler:
 class PromptEncoder:
     """Tokenization shared by sampling and scoring, so both see the same token ids.
 
-    The learner sends token ids, never text, to the server. Unsupervised texts keep their first
-    `max_prompt_tokens` tokens (a document's opening is the prompt); supervised prompts keep their
-    last ones (the end of a question is what the answer follows).
+    The learner sends token ids, never text, to the server. Documents (`{"text"}` rows) keep their
+    first `max_prompt_tokens` tokens (a document's opening is the prompt); prompts keep their last
+    ones (the end of a question is what the answer follows).
     """
 
     def __init__(self, tokenizer, cfg: LearnerConfig, *, eos_ids: frozenset[int] | None = None) -> None:
@@ -126,10 +116,10 @@ class PromptEncoder:
         """The prompt's token ids (shared.prompts: BOS when the tokenizer adds one, chat template for
         conversations), truncated to `max_prompt_tokens` with a leading BOS kept."""
         limit = self._cfg.max_prompt_tokens
-        ids = prompt_token_ids(self._tokenizer, row.text if isinstance(row, UnsupervisedRow) else row.prompt)
+        ids = prompt_token_ids(self._tokenizer, row.prompt)
         if len(ids) <= limit:
             return ids
-        if isinstance(row, UnsupervisedRow):
+        if isinstance(row, UnsupervisedRow) and row.text is not None:
             return ids[:limit]  # a document's opening, BOS included
         bos = ids[:1] if ids[0] == self._tokenizer.bos_token_id else []
         return bos + ids[len(ids) - (limit - len(bos)) :]  # the end of a question, after its BOS

@@ -164,3 +164,24 @@ def completion_cross_entropy_rewards(
     coverage_N = count_N / answer_lens_N
     rewards_N = coverage_N * torch.exp(-ce_sum_N / count_N.clamp(min=1))
     return torch.where(count_N > 0, rewards_N, 0.0)
+
+
+def weighted_reward_sum(rewards_P_G_F: Tensor, weights_F: Tensor) -> Tensor:
+    """Reward = sum over the F reward functions of weight * that function's reward, NaN-skipping.
+
+    NaN marks a completion a function does not apply to (it returned None): it adds nothing, as
+    in TRL's GRPOTrainer (nansum), so a function that judges only some rows does not drag the
+    others' rewards. A completion no function applies to sums to 0 (the caller warns).
+
+    Args:
+        rewards_P_G_F: Each function's rewards, last axis in the order of `weights_F`.
+        weights_F: One weight per function.
+
+    Returns:
+        rewards_P_G, never NaN for finite inputs.
+    """
+    assert rewards_P_G_F.dim() == 3, f"rewards must be [P, G, F], got {tuple(rewards_P_G_F.shape)}"
+    assert weights_F.shape == rewards_P_G_F.shape[2:], (
+        f"weights {tuple(weights_F.shape)} vs {rewards_P_G_F.shape[2]} functions"
+    )
+    return (rewards_P_G_F * weights_F).nansum(dim=2)

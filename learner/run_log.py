@@ -1,4 +1,11 @@
-"""What a run leaves behind and shows: metrics.jsonl, a progress bar, sample completions."""
+"""What a run leaves behind and shows: metrics.jsonl, each step's samples, a progress bar, trackers.
+
+metrics.jsonl holds one JSON object per line, written whole and flushed at its newline (`tail -f`
+shows each step as it ends): a training row per step ({"time", "step", "policy_version",
+"reward_mean", ...}), and an evaluation row per `RunLog.eval` ({"time", "step", "eval/<name>", ...},
+no other keys) after the training row of the step it evaluated. Both kinds carry "step", so a
+resumed run drops the rows of the steps it redoes, of both kinds (`drop_steps_after`).
+"""
 
 from __future__ import annotations
 
@@ -13,64 +20,129 @@ from torch import Tensor
 from tqdm import tqdm
 
 from learner.advantages import zero_variance_groups
-from learner.update import UpdateStats
-from shared.schemas import Completion
+from learner.learn import Learned
+from learner.trackers import TextSample, open_trackers
+from shared.config import LearnerConfig
+from shared.schemas import Prompt, RolloutResponse, SampleRecord, SampleScores
 
 
 class RunLog:
-    """Appends one JSON object per step to `metrics.jsonl` and drives the progress bar."""
+    """Appends each step's row to `metrics.jsonl`, writes its rollout and scores to
+    `samples/step_NNNNNN.jsonl`, drives the progress bar and feeds the trackers (`report_to`)."""
 
-    def __init__(self, output_dir: Path, steps: int, *, sample_every: int, done: int = 0) -> None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.path = output_dir / "metrics.jsonl"
+    def __init__(self, cfg: LearnerConfig, *, done: int = 0) -> None:
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = cfg.output_dir / "metrics.jsonl"
+        self.samples_dir = cfg.output_dir / "samples"
+        self.samples_dir.mkdir(exist_ok=True)
+        self._trackers = open_trackers(cfg.report_to, cfg.output_dir)
         self._file = self.path.open("a", buffering=1)  # line-buffered: a crash loses no finished step
-        self._bar = tqdm(total=steps, initial=done, desc="grpo", unit="step", dynamic_ncols=True)
-        self._sample_every = sample_every
+        self._bar = tqdm(total=cfg.steps, initial=done, desc="grpo", unit="step", dynamic_ncols=True)
+        self._sample_every = cfg.sample_every
+        self._tracker_samples = cfg.tracker_samples
 
     def step(
         self,
         step: int,
         version: int,
-        rewards_P_G: Tensor,
-        completions_P_G: list[list[Completion]],
-        stats: UpdateStats,
+        rollout: RolloutResponse,
+        learned: Learned,
         seconds: dict[str, float],
         *,
-        sample: tuple[str, int],
+        prompts: list[Prompt],
     ) -> None:
-        """Record one step; every `sample_every` steps print prompt `sample = (text, index)`'s first completion."""
+        """Record step `step`, after which the server serves `version`. `seconds`: the step's phases,
+        which add up to its wall time. `prompts`: the batch's prompts as the data gave them (the
+        rollout holds only their token ids), for the samples file and for people. Every
+        `sample_every` steps, print prompt 0's first completion."""
+        texts_P = [p if isinstance(p, str) else p[-1].content for p in prompts]  # a conversation's last turn
+        completions_P_G = [r.completions for r in rollout.results]
+        rewards_P_G = learned.rewards_P_G
+        completions_N = [c for group in completions_P_G for c in group]
+        assert rewards_P_G.shape == (len(completions_P_G), len(completions_P_G[0])), rewards_P_G.shape
         metrics = {
             "step": step,
             "policy_version": version,
             "reward_mean": rewards_P_G.mean().item(),
             "reward_std": rewards_P_G.std(correction=0).item(),
+            **reward_function_stats(learned.components_P_G),
             "zero_variance_groups": zero_variance_groups(rewards_P_G),
-            "completion_len": sum(len(c.token_ids) for g in completions_P_G for c in g) / rewards_P_G.numel(),
-            **vars(stats),
+            "completion_len": sum(len(c.token_ids) for c in completions_N) / len(completions_N),
+            # truncated at max_tokens: a high ratio means the budget, not the policy, ends completions
+            "clipped_ratio": sum(c.finish_reason == "length" for c in completions_N) / len(completions_N),
+            "completions_per_s": len(completions_N) / sum(seconds.values()),
+            **vars(learned.stats),
             **{f"time_{k}": v for k, v in seconds.items()},
         }
-        row = {"time": time.time(), **{k: _finite(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        # the samples file first: a reader that sees step N's row finds its samples
+        results = [r.model_copy(update={"prompt": p}) for r, p in zip(rollout.results, prompts, strict=True)]
+        record = SampleRecord(**{**rollout.model_dump(), "results": results}, scores=_scores(step, learned))
+        self._write_samples(step, record)
+        self._write_row(metrics)
+        shown = [
+            TextSample(texts_P[p], completions_P_G[p][0].text, rewards_P_G[p, 0].item())
+            for p in range(min(self._tracker_samples, len(completions_P_G)))
+        ]
+        for tracker in self._trackers:
+            tracker.log_scalars(step, {k: float(v) for k, v in metrics.items() if k != "step"})
+            if shown:
+                tracker.log_samples(step, shown)
         self._bar.update(1)
         self._bar.set_postfix(
-            reward=f"{metrics['reward_mean']:.3f}",
-            kl=f"{metrics['kl']:.4f}",
-            gap=f"{metrics['sampler_gap']:.3f}",
-            v=metrics["policy_version"],
+            {
+                "reward": f"{metrics['reward_mean']:.3f}",
+                "kl": f"{metrics['kl']:.4f}",
+                "gap": f"{metrics['sampler_gap']:.3f}",
+                "v": metrics["policy_version"],
+                "compl/s": f"{metrics['completions_per_s']:.1f}",
+            }
         )
         if self._sample_every and step % self._sample_every == 0:
-            prompt, p = sample
-            completion, reward = completions_P_G[p][0].text, rewards_P_G[p, 0].item()
-            self._bar.write(f"[step {step}] {prompt!r} -> {completion!r}  reward={reward:.4f}")
+            completion, reward = completions_P_G[0][0].text, rewards_P_G[0, 0].item()
+            self._bar.write(f"[step {step}] {texts_P[0]!r} -> {completion!r}  reward={reward:.4f}")
+
+    def eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Record an evaluation of the policy after step `step`: `metrics` (name -> value) as keys
+        "eval/<name>" of a row of their own (see the module docstring), and to the trackers."""
+        scalars = {f"eval/{name}": value for name, value in metrics.items()}
+        self._write_row({"step": step, **scalars})
+        for tracker in self._trackers:
+            tracker.log_scalars(step, scalars)
 
     def note(self, message: str) -> None:
         """A line above the progress bar."""
         self._bar.write(message)
 
     def close(self) -> None:
-        """Finish the bar and the file."""
+        """Finish the bar, the file and the trackers."""
         self._bar.close()
         self._file.close()
+        for tracker in self._trackers:
+            tracker.close()
+
+    def _write_row(self, metrics: dict[str, Any]) -> None:
+        row = {"time": time.time(), **{k: _finite(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+
+    def _write_samples(self, step: int, record: SampleRecord) -> None:
+        """One line, GET /v1/samples's record, written atomically: a resumed run rewrites the files
+        of the steps it redoes, and a reader never sees half of one."""
+        path = self.samples_dir / f"step_{step:06d}.jsonl"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(record.model_dump_json() + "\n")
+        os.replace(tmp, path)
+
+
+def reward_function_stats(components_P_G: dict[str, Tensor]) -> dict[str, float]:
+    """ "rewards/<name>/mean" and "rewards/<name>/std" (population) of each reward function over the
+    completions it applied to (its non-NaN values); NaN for one that applied to none."""
+    stats = {}
+    for name, values_P_G in components_P_G.items():
+        applied = values_P_G[~values_P_G.isnan()]
+        empty = applied.numel() == 0  # torch's mean/std of nothing warn as well as answer NaN
+        stats[f"rewards/{name}/mean"] = math.nan if empty else applied.mean().item()
+        stats[f"rewards/{name}/std"] = math.nan if empty else applied.std(correction=0).item()
+    return stats
 
 
 def drop_steps_after(path: Path, step: int) -> None:
@@ -86,6 +158,25 @@ def drop_steps_after(path: Path, step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
+
+
+def _scores(step: int, learned: Learned) -> SampleScores | None:
+    """The step's scores as the server's sample log keeps them; None when a reward or advantage is
+    not finite (a skipped update), as JSON cannot hold it and ServerLink.post_scores posts none."""
+    finite = learned.rewards_P_G.isfinite().all() and learned.advantages_P_G.isfinite().all()
+    # a component is NaN where its function did not apply (None on the wire); an infinite one is a
+    # non-finite reward too
+    if not finite or any(v.isinf().any() for v in learned.components_P_G.values()):
+        return None
+    return SampleScores(
+        rewards=learned.rewards_P_G.tolist(),
+        advantages=learned.advantages_P_G.tolist(),
+        step=step,
+        components={
+            name: [[None if math.isnan(v) else v for v in row] for row in values_P_G.tolist()]
+            for name, values_P_G in learned.components_P_G.items()
+        },
+    )
 
 
 def _finite(value: Any) -> Any:

@@ -8,6 +8,7 @@ every sampled token, end-of-sequence included).
 from __future__ import annotations
 
 from collections.abc import Hashable
+from typing import Literal
 
 import torch
 from peft import PeftModel
@@ -22,6 +23,15 @@ from learner.rewards import (
 )
 from shared.config import LearnerConfig
 
+Builtin = Literal["completion_log_likelihood", "answer_perplexity", "completion_cross_entropy"]
+UNSUPERVISED_REWARD: Builtin = "completion_log_likelihood"
+"""Minus the completion's mean NLL per token (`unsupervised_rewards`): unsupervised mode's reward."""
+
+
+def mode_reward(cfg: LearnerConfig) -> Builtin:
+    """The built-in reward of `cfg`'s mode, the reward when no `reward_funcs` are configured."""
+    return UNSUPERVISED_REWARD if cfg.mode == "unsupervised" else cfg.reward
+
 
 def score(
     model: PeftModel,
@@ -31,25 +41,28 @@ def score(
     cfg: LearnerConfig,
     *,
     pad_id: int,
+    reward: Builtin | None = None,
 ) -> Tensor:
-    """rewards_P_G of every completion (text tokens only) under the policy, at temperature 1.
+    """rewards_P_G of every completion (text tokens only) under the policy, at temperature 1, by the
+    built-in `reward` (None: the mode's, `mode_reward`).
 
     Each distinct (prompt, answer, completion) is scored once and its reward copied to every
     duplicate: equal completions then share one reward exactly, whichever micro-batch (and so
     padding, kernel and rounding) they would have fallen in, and std scaling cannot turn that
-    rounding into advantages. In unsupervised mode an empty completion scores just below its
-    group's worst non-empty one (`floor_empty_rewards`).
+    rounding into advantages. Under completion_log_likelihood an empty completion scores just
+    below its group's worst non-empty one (`floor_empty_rewards`).
     """
+    reward = reward or mode_reward(cfg)
     P, G = len(completion_ids_P_G), len(completion_ids_P_G[0])
     all_N = [(p, c) for p in range(P) for c in completion_ids_P_G[p]]
     answer_key_P = [None] * P if answer_ids_P is None else [tuple(a) for a in answer_ids_P]
     first_U, inverse_N = _distinct([(tuple(prompt_ids_P[p]), answer_key_P[p], tuple(c)) for p, c in all_N])
     distinct_U = [all_N[i] for i in first_U]
-    if cfg.mode == "unsupervised":
+    if reward == UNSUPERVISED_REWARD:
         sequences = [Sequence.continuation(prompt_ids_P[p], c) for p, c in distinct_U]
     else:
-        assert answer_ids_P is not None, "supervised scoring needs the answers"
-        if cfg.reward == "answer_perplexity":
+        assert answer_ids_P is not None, f"{reward} needs the answers"
+        if reward == "answer_perplexity":
             # prompt ++ completion ++ answer, scored on the answer only.
             sequences = [Sequence.continuation(prompt_ids_P[p] + c, answer_ids_P[p]) for p, c in distinct_U]
         else:
@@ -64,11 +77,11 @@ def score(
         micro_batch_size=cfg.micro_batch_size,
     )
     nll_U_T = -logprobs_U_T
-    if cfg.mode == "unsupervised":
+    if reward == UNSUPERVISED_REWARD:
         rewards_U = unsupervised_rewards(nll_U_T, mask_U_T, empty_reward=cfg.empty_completion_reward)
     else:
         answer_lens_U = torch.tensor([len(answer_ids_P[p]) for p, _ in distinct_U])
-        if cfg.reward == "answer_perplexity":
+        if reward == "answer_perplexity":
             completion_lens_U = torch.tensor([len(c) for _, c in distinct_U])
             rewards_U = answer_perplexity_rewards(
                 nll_U_T, mask_U_T, completion_lens_U, answer_lens_U, score=cfg.answer_score
@@ -76,7 +89,7 @@ def score(
         else:
             rewards_U = completion_cross_entropy_rewards(nll_U_T, mask_U_T, answer_lens_U, score=cfg.answer_score)
     rewards_P_G = rewards_U[inverse_N].view(P, G)
-    if cfg.mode == "unsupervised":
+    if reward == UNSUPERVISED_REWARD:
         empty_P_G = torch.tensor([[not c for c in group] for group in completion_ids_P_G], dtype=torch.bool)
         rewards_P_G = floor_empty_rewards(rewards_P_G, empty_P_G, margin=cfg.empty_completion_margin)
     return rewards_P_G

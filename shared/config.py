@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -153,13 +153,43 @@ class LearnerConfig(_Strict):
     """Settings of `grpo-learner`; YAML files in configs/ set any subset, CLI flags override."""
 
     mode: Literal["unsupervised", "supervised"] = "unsupervised"
-    """unsupervised: rows {"text"}, reward = -mean NLL of the completion; supervised: rows
+    """unsupervised: rows {"text"} or {"prompt"}, reward = -mean NLL of the completion; supervised: rows
     {"prompt", "answer"}, reward from the answer's likelihood (see `reward`)."""
     data: Path = Path("examples/unsupervised.jsonl")
-    """JSONL training data."""
+    """Training data: a .jsonl, .json, .parquet or .arrow file, or a directory written by datasets'
+    save_to_disk (read offline). Rows: {"text"} (a document, its opening the prompt) or {"prompt"}
+    (a text or a list of chat messages) in unsupervised mode, {"prompt", "answer"} in supervised
+    mode; other columns are kept as the row's `extra` (reward functions' keyword columns)."""
+    prompt_key: str | None = None
+    """Column of the prompt (a text or chat messages; its end is kept when truncated); None:
+    'prompt', or in unsupervised mode 'text' (a document) when a row has no 'prompt'."""
+    answer_key: str | None = None
+    """Column of the answer (supervised mode); None: 'answer'."""
+    eval_data: Path | None = None
+    """Held-out rows, in any format `data` takes; never trained on."""
+    eval_fraction: float | None = Field(None, gt=0, lt=1)
+    """Instead of eval_data: this share of `data`'s rows (picked with `seed`) is held out and never
+    trained on."""
+    eval_steps: int = Field(0, ge=0)
+    """Evaluate the served version on the held-out rows before the first step and every this many
+    steps (0: never): the reward functions' means, and for supervised rows the exact-match rate
+    of the answer, as `eval/*` in metrics.jsonl."""
+    eval_sampling: Literal["greedy", "sampled"] = "greedy"
+    """Evaluation completions: one greedy per prompt, or `sampling.n` at the sampling temperature
+    (with a seed of its own, the same at every evaluation)."""
     reward: Literal["answer_perplexity", "completion_cross_entropy"] = "answer_perplexity"
     """Supervised reward: likelihood of the answer after the completion, or token-wise cross
     entropy of the completion against the answer."""
+    reward_funcs: list[str] | None = Field(None, min_length=1)
+    """Reward functions whose weighted sum is the reward; None: the mode's own (unsupervised:
+    completion_log_likelihood; supervised: `reward`). Each is a built-in, scored by the policy:
+    completion_log_likelihood (minus the completion's mean NLL, the unsupervised reward; any mode),
+    answer_perplexity or completion_cross_entropy (supervised mode); or a Python function,
+    'package.module:function' or 'path/to/file.py:function', with TRL's signature
+    fn(prompts, completions, completion_ids, **columns) -> list[float | None] (sync or async; None:
+    does not apply to that completion). See learner/reward_funcs.py."""
+    reward_weights: list[FiniteFloat] | None = Field(None, min_length=1)
+    """Weight of each of reward_funcs, in order (None: 1.0 each)."""
     answer_score: Literal["arithmetic", "geometric"] = "arithmetic"
     """How answer-token NLLs become a reward in [0, 1]: coverage * mean(exp(-nll)) (arithmetic,
     RLPR) or coverage * exp(-mean nll) = coverage / perplexity (geometric)."""
@@ -225,6 +255,12 @@ class LearnerConfig(_Strict):
     """Seed of data order, LoRA init and sampling."""
     sample_every: int = Field(1, ge=0)
     """Print one sample completion every this many steps (0: never)."""
+    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+    """Trackers that also get every step's metrics and a few sample completions (metrics.jsonl and
+    output_dir/samples are written anyway): tensorboard, event files in output_dir/tensorboard
+    (pip install 'grpo-lora[tensorboard]')."""
+    tracker_samples: int = Field(4, ge=0)
+    """Completions per step the trackers show as text: the first of each of the first this many prompts."""
     save_steps: int = Field(10, ge=0)
     """Write a checkpoint (adapter, optimizer, RNG states, data position) to
     output_dir/checkpoints/step-N every this many steps (0: never)."""
@@ -254,3 +290,25 @@ class LearnerConfig(_Strict):
             raise ValueError(f"{owned} of the local server are set by the learner")
         checked = ServerConfig.model_validate({"model": "-", **server})
         return {name: getattr(checked, name) for name in server}
+
+    @model_validator(mode="after")
+    def _data_settings_agree(self) -> LearnerConfig:
+        if self.eval_data is not None and self.eval_fraction is not None:
+            raise ValueError("eval_data and eval_fraction both choose the held-out rows: give one")
+        if self.eval_steps and self.eval_data is None and self.eval_fraction is None:
+            raise ValueError("eval_steps evaluates on held-out rows: give eval_data or eval_fraction")
+        if self.answer_key is not None and self.mode != "supervised":
+            raise ValueError("answer_key names the answer column of supervised mode")
+        return self
+
+    @model_validator(mode="after")
+    def _one_weight_per_reward_function(self) -> LearnerConfig:
+        if self.reward_weights is None:
+            return self
+        if self.reward_funcs is None:
+            raise ValueError("reward_weights needs reward_funcs (the functions they weigh)")
+        if len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs"
+            )
+        return self

@@ -4,6 +4,8 @@ One base class; each subclass also inherits the standard exception it stands for
 that only know the stdlib types still catch it.
 """
 
+from typing import Literal
+
 
 class GrpoError(Exception):
     """Base class of every error this project raises on purpose."""
@@ -14,11 +16,13 @@ class ConfigError(GrpoError, ValueError):
 
 
 class DataError(ConfigError):
-    """A JSONL data row is invalid; the message names file, line and field."""
+    """A data row is invalid; the message names file, line (JSONL) or row (other formats, from 1) and
+    field. Position 0 is the file as a whole."""
 
-    def __init__(self, path: str, line: int, field: str, reason: str) -> None:
-        super().__init__(f"{path}:{line}: field {field!r}: {reason}")
-        self.path, self.line, self.field, self.reason = path, line, field, reason
+    def __init__(self, path: str, line: int, field: str, reason: str, *, unit: Literal["line", "row"] = "line") -> None:
+        where = f"{path}:{line}:" if unit == "line" else f"{path}: {unit} {line}:"
+        super().__init__(f"{where} field {field!r}: {reason}")
+        self.path, self.line, self.field, self.reason, self.unit = path, line, field, reason, unit
 
 
 class ServerAsleepError(GrpoError, RuntimeError):
@@ -92,3 +96,12 @@ class UnauthorizedError(GrpoError, PermissionError):
 
 class PayloadTooLargeError(GrpoError, ValueError):
     """A request body over the server's max_body_bytes, refused without reading the rest (HTTP 413)."""
+
+
+class RewardFunctionError(GrpoError, RuntimeError):
+    """A reward function raised, or returned something other than one number or None per
+    completion; the message names the function and the step, whose update is not taken."""
+
+
+class UnsupportedFeatureError(GrpoError, ValueError):
+    """A request asked for something this server does not serve, such as a streamed answer (HTTP 400)."""

@@ -22,10 +22,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from learner import loop
+from learner.data import load_rows
 from learner.local_server import local_rollout_server
 from learner.logprobs import Sequence, scored_logprobs, scored_mask
 from learner.model import eos_token_ids, load_policy
-from learner.prompts import PromptEncoder, UnsupervisedRow, load_rows
+from learner.prompts import PromptEncoder, UnsupervisedRow
 from learner.rollout_client import RolloutClient
 from learner.tiny_model import EOS_TOKEN, FAMILIES, FAMILY_TOKENS, MANIFEST, build_tiny_model, is_built
 from shared.config import LearnerConfig

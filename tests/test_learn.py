@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from learner import reward_funcs
 from learner.learn import learn_from, rewards_come_from_the_update
 from learner.model import load_policy
+from learner.prompts import UnsupervisedRow
 from shared.config import LearnerConfig
 from shared.schemas import Completion
 
@@ -49,7 +51,20 @@ def learned_with(tiny_model_dir: Path, **overrides):
         )
     )
     text_ids = [[[t for t in c if t != EOS] for c in group] for group in COMPLETIONS]
-    learned = learn_from(policy, optimizer, PROMPTS, rollout(), text_ids, None, cfg, pad_id=0)
+    learned = learn_from(
+        policy,
+        optimizer,
+        PROMPTS,
+        rollout(),
+        text_ids,
+        None,
+        cfg,
+        pad_id=0,
+        reward_fns=reward_funcs.load(cfg),
+        rows_P=[UnsupervisedRow(text="a"), UnsupervisedRow(text="b")],
+        decode=str,
+        step=1,
+    )
     hook.remove()
     lora = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
     return cfg, policy, learned, sum(rows), lora
@@ -80,6 +95,9 @@ def test_rewards_from_the_update_equal_scoring_first_and_so_does_the_step(tiny_m
         ({"sampling": {"temperature": 0.7}}, False),  # the update's log-probs are at 0.7, rewards at 1
         ({"lora": {"dropout": 0.1}}, False),  # the update's forward drops out; scoring's does not
         ({"mode": "supervised", "reward": "answer_perplexity"}, False),  # rewards score other tokens
+        ({"reward_funcs": ["completion_log_likelihood"]}, True),  # the mode's own reward, named
+        ({"reward_funcs": ["completion_log_likelihood"], "reward_weights": [2.0]}, False),  # scaled: scored apart
+        ({"reward_funcs": ["completion_log_likelihood", "m:f"]}, False),  # a sum: scored apart
     ],
 )
 def test_rewards_come_from_the_update_only_where_the_math_allows(

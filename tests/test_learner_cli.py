@@ -35,6 +35,13 @@ def test_bundled_configs_are_valid() -> None:
         assert cfg.mode == name and cfg.data.is_file()
 
 
+def test_the_3b_preset_is_valid_and_sized_for_one_24gb_gpu() -> None:
+    cfg = parse_config(["--config", "configs/qwen2.5-3b-24gb.yaml"])
+    assert cfg.load_in_4bit and cfg.gradient_checkpointing and cfg.sleep_server
+    assert cfg.micro_batch_size % cfg.sampling.n == 0  # whole groups per pass
+    assert cfg.max_prompt_tokens + cfg.sampling.max_tokens <= cfg.server["max_model_len"]
+
+
 def test_bad_data_exits_2_with_file_and_line_before_loading_a_model(tmp_path: Path, capsys) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from learner import loop
+from learner.data import load_data, load_rows
 from learner.model import load_policy
-from learner.prompts import load_rows
 from learner.rollout_client import RolloutClient
 from shared.config import LearnerConfig
 from tests.servers import served_client
@@ -80,3 +80,59 @@ def test_steps_train_lora_only_and_the_server_serves_the_saved_version(
     # the server shows the rewards the learner computed, on the rollout they belong to
     scores = client.recent_samples(limit=1).samples[0].scores
     assert scores is not None and scores.step == STEPS and len(scores.rewards) == 2
+
+
+def test_reward_functions_reach_the_metrics_and_the_sample_log(
+    tiny_model_dir: Path, run_dir: Path, client: RolloutClient
+) -> None:
+    cfg = LearnerConfig(
+        mode="supervised",
+        data=Path("examples/supervised.jsonl"),
+        reward_funcs=["answer_perplexity", "tests/reward_fns/exact_match.py:exact_match"],
+        reward_weights=[1.0, 0.5],
+        output_dir=run_dir,
+        steps=1,
+        prompts_per_step=2,
+        sample_every=0,
+        sampling={"n": 4, "max_tokens": 6, "seed": 0},
+    )
+    policy, tokenizer = load_policy(str(tiny_model_dir), cfg)
+    loop.run(cfg, load_rows(cfg.data, cfg.mode), policy, tokenizer, client)
+
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 <= row["rewards/answer_perplexity/mean"] <= 1 and 0 <= row["rewards/exact_match/mean"] <= 1
+    scores = client.recent_samples(limit=1).samples[0].scores
+    assert scores is not None and list(scores.components) == ["answer_perplexity", "exact_match"]
+    perplexity, exact = scores.components["answer_perplexity"], scores.components["exact_match"]
+    for p, rewards_G in enumerate(scores.rewards):
+        assert all(e in (0.0, 1.0) for e in exact[p])  # every row has an answer: no None
+        want_G = [a + 0.5 * e for a, e in zip(perplexity[p], exact[p], strict=True)]
+        assert rewards_G == pytest.approx(want_G, rel=1e-6, abs=1e-7)
+
+
+def test_evaluation_runs_before_the_first_step_and_every_eval_steps(
+    tiny_model_dir: Path, run_dir: Path, client: RolloutClient
+) -> None:
+    cfg = LearnerConfig(
+        mode="supervised",
+        data=Path("examples/supervised.jsonl"),
+        eval_fraction=0.1,
+        eval_steps=1,
+        output_dir=run_dir,  # the server's adapter root
+        steps=2,
+        prompts_per_step=2,
+        sample_every=0,
+        sampling={"n": 4, "max_tokens": 6, "seed": 0},
+    )
+    data = load_data(cfg)
+    policy, tokenizer = load_policy(str(tiny_model_dir), cfg)
+    loop.run(cfg, data.train, policy, tokenizer, client, eval_rows=data.eval)
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/reward_mean" in r]  # the other tests' runs evaluate nothing
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    for r in evals:
+        assert r["eval/completions"] == len(data.eval)  # greedy: one completion per held-out row
+        assert 0 <= r["eval/reward_mean"] <= 1 and 0 <= r["eval/exact_match"] <= 1
+    # step 0 evaluated the base, later ones the version served after their step
+    assert evals[0]["eval/reward_mean"] != evals[-1]["eval/reward_mean"]

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from learner import loop
+from learner.data import load_rows
 from learner.model import load_policy
-from learner.prompts import SupervisedRow, load_rows
+from learner.prompts import SupervisedRow
 from learner.rollout_client import RolloutClient
 from learner.tiny_model import addition_rows, evaluate_addition
 from shared.config import LearnerConfig

@@ -1,4 +1,5 @@
-"""Data files are validated row by row, and errors name the file, line and field."""
+"""JSONL data files are validated row by row, and errors name the file, line and field; rows become
+batches and token ids. (Other formats, columns and held-out rows: test_data.py.)"""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from learner.prompts import PromptEncoder, PromptSampler, SupervisedRow, UnsupervisedRow, load_rows
+from learner.data import load_rows
+from learner.prompts import PromptEncoder, PromptSampler, SupervisedRow, UnsupervisedRow
 from shared.config import LearnerConfig
 from shared.errors import DataError
 
@@ -25,7 +27,9 @@ def write(tmp_path: Path, text: str) -> Path:
         ("unsupervised", '{"text": "ok"}\n\n{"text": 3}\n', 3, "text", "valid string"),  # blank lines count
         ("unsupervised", '{"text": "ok"}\n{"text": "x"\n', 2, "-", "not valid JSON"),
         ("unsupervised", '["text"]\n', 1, "-", "JSON object"),
-        ("unsupervised", '{"prompt": "a", "answer": "b"}\n', 1, "text", "unsupervised mode reads ['text']"),
+        ("unsupervised", '{"question": "a"}\n', 1, "text", "unsupervised mode reads ['text'] or ['prompt']"),
+        ("unsupervised", '{"text": "a", "prompt": "b"}\n', 1, "prompt", "not both"),
+        ("unsupervised", '{"prompt": [{"role": "user"}]}\n', 1, "prompt.messages.0.content", "required"),
         ("supervised", "\n\n", 0, "-", "no rows"),
     ],
 )
@@ -42,9 +46,12 @@ def test_missing_file_is_a_data_error(tmp_path: Path) -> None:
         load_rows(tmp_path / "nope.jsonl", "unsupervised")
 
 
-def test_rows_load_and_extra_fields_are_ignored(tmp_path: Path) -> None:
+def test_rows_load_and_other_columns_are_kept_as_extra(tmp_path: Path) -> None:
     path = write(tmp_path, '{"prompt": "1+1=", "answer": "2", "id": 7}\n')
-    assert load_rows(path, "supervised") == [SupervisedRow(prompt="1+1=", answer="2")]
+    assert load_rows(path, "supervised") == [SupervisedRow(prompt="1+1=", answer="2", extra={"id": 7})]
+    # Unsupervised mode takes TRL's prompt-only rows too; there the answer is just another column.
+    (row,) = load_rows(path, "unsupervised")
+    assert (row.text, row.prompt, row.extra) == (None, "1+1=", {"answer": "2", "id": 7})
 
 
 def test_sampler_visits_every_row_once_per_epoch_and_is_seeded() -> None:
@@ -67,7 +74,8 @@ def test_encoder_truncation_eos_and_request() -> None:
     enc = PromptEncoder(CharTokenizer(), cfg)
     assert enc.pad_id == 0  # no pad token: fall back to eos
     assert enc.prompt(SupervisedRow(prompt="12+7=", answer="19")) == [ord(c) for c in "+7="]  # keeps the end
-    assert enc.prompt(UnsupervisedRow(text="abcdef")) == [ord(c) for c in "abc"]  # keeps the start
+    assert enc.prompt(UnsupervisedRow(text="abcdef")) == [ord(c) for c in "abc"]  # a document: keeps the start
+    assert enc.prompt(UnsupervisedRow(prompt="abcdef")) == [ord(c) for c in "def"]  # a prompt: keeps the end
     assert enc.strip_eos([5, 6, 0]) == [5, 6] and enc.strip_eos([5, 6]) == [5, 6] and enc.strip_eos([0]) == []
     request = enc.rollout_request([[1], [2]], "policy", step=3)
     # 10 + 2 earlier steps * 4 prompts per step (the default) * 4 completions each

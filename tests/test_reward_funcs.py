@@ -1,0 +1,328 @@
+"""Reward functions: TRL-style Python functions loaded by path and called as TRL calls them, mixed
+with built-ins by weight, None as "does not apply", and every failure named before any update."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner import reward_funcs, scoring
+from learner.advantages import group_normalize
+from learner.cli import main, parse_config
+from learner.learn import learn_from
+from learner.model import load_policy
+from learner.prompts import SupervisedRow, UnsupervisedRow
+from learner.rewards import weighted_reward_sum
+from learner.server_link import ServerLink
+from shared.config import LearnerConfig
+from shared.errors import ConfigError, RewardFunctionError
+from shared.schemas import ChatMessage, Completion, SampleScores
+
+EXACT = "tests/reward_fns/exact_match.py:exact_match"
+PROBES = "tests/reward_fns/probes.py"
+EOS = 0  # the character decoder's end of sequence
+
+
+def decode(ids: list[int]) -> str:
+    """A character tokenizer: token id = code point."""
+    return "".join(map(chr, ids))
+
+
+def completions_of(texts_P_G: list[list[str]]) -> list[list[Completion]]:
+    """Sampled completions of these texts, each stopped by EOS."""
+    return [
+        [
+            Completion(text=t, token_ids=[*map(ord, t), EOS], logprobs=[-1.0] * (len(t) + 1), finish_reason="stop")
+            for t in g
+        ]
+        for g in texts_P_G
+    ]
+
+
+def python_rewards(cfg: LearnerConfig, rows_P: list, texts_P_G: list[list[str]], step: int = 1):
+    """rewards_P_G and components_P_G of Python functions only: no built-in, so no policy."""
+    completions = completions_of(texts_P_G)
+    text_ids_P_G = [[list(map(ord, t)) for t in g] for g in texts_P_G]
+    prompt_ids_P = [[1] for _ in rows_P]
+    funcs = reward_funcs.load(cfg)
+    assert all(f.builtin is None for f in funcs)
+    return reward_funcs.score(
+        funcs, None, prompt_ids_P, completions, text_ids_P_G, None, rows_P, decode, cfg, pad_id=0, step=step
+    )
+
+
+# --- weighted sum: pure math ----------------------------------------------------------------------
+
+NAN = math.nan
+
+
+@pytest.mark.parametrize(
+    ("rewards_F", "weights_F", "want"),
+    [
+        ([1.0, 4.0], [1.0, 0.5], 3.0),  # 1 * 1 + 0.5 * 4
+        ([1.0, NAN], [1.0, 0.5], 1.0),  # the second does not apply: adds nothing (not NaN, not a 0 mean)
+        ([NAN, NAN], [1.0, 0.5], 0.0),  # none applies: TRL's nansum gives 0
+        ([2.0, -2.0], [1.0, 1.0], 0.0),  # opposite votes cancel
+        ([3.0, 5.0], [0.0, 1.0], 5.0),  # weight 0 silences a function
+        ([1e30, 1.0], [1.0, 1.0], 1e30),  # huge magnitudes stay finite in float32
+        ([7.0], [-1.0], -7.0),  # a negative weight is a penalty
+    ],
+)
+def test_weighted_reward_sum_skips_what_does_not_apply(rewards_F: list, weights_F: list, want: float) -> None:
+    got = weighted_reward_sum(torch.tensor([[rewards_F]]), torch.tensor(weights_F))
+    torch.testing.assert_close(got, torch.tensor([[want]]))
+
+
+def test_weighted_reward_sum_of_an_empty_batch_is_empty() -> None:
+    assert weighted_reward_sum(torch.zeros(0, 4, 2), torch.ones(2)).shape == (0, 4)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def test_flags_give_functions_and_weights() -> None:
+    cfg = parse_config(
+        ["--mode", "supervised", "--reward-funcs", "answer_perplexity", EXACT, "--reward-weights", "0.5", "2"]
+    )
+    assert cfg.reward_funcs == ["answer_perplexity", EXACT] and cfg.reward_weights == [0.5, 2.0]
+    funcs = reward_funcs.load(cfg)
+    assert [(f.name, f.weight, f.builtin) for f in funcs] == [
+        ("answer_perplexity", 0.5, "answer_perplexity"),
+        ("exact_match", 2.0, None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--reward-funcs", "a", "b", "--reward-weights", "1"], "reward_weights has 1 values for 2 reward_funcs"),
+        (["--reward-weights", "1"], "reward_weights needs reward_funcs"),
+        (["--reward-funcs"], "reward_funcs: List should have at least 1 item"),
+        (["--reward-funcs", "a", "--reward-weights", "nan"], "reward_weights.0: Input should be a finite number"),
+    ],
+)
+def test_weights_that_do_not_fit_are_a_config_error(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(flags)
+
+
+@pytest.mark.parametrize(
+    ("mode", "entry", "message"),
+    [
+        ("unsupervised", "completion_nll", "'completion_nll' is no built-in reward"),  # a typo of a built-in
+        ("unsupervised", "answer_perplexity", "'answer_perplexity' scores the data's answers: supervised mode only"),
+        ("supervised", "tests/reward_fns/nowhere.py:f", r"no file tests/reward_fns/nowhere.py"),
+        ("supervised", f"{PROBES}:missing", r"'tests/reward_fns/probes.py:missing'.* has no 'missing'"),
+        ("supervised", f"{PROBES}:NOT_CALLABLE", "NOT_CALLABLE is a int, not a function"),
+        ("supervised", "no_such_package.rewards:f", "no module 'no_such_package'"),
+        ("supervised", "tests.reward_fns.exact_match:nope", "has no 'nope'"),
+    ],
+)
+def test_each_bad_entry_is_a_config_error_naming_it(mode: str, entry: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        reward_funcs.load(LearnerConfig(mode=mode, reward_funcs=["completion_log_likelihood", entry]))
+    assert repr(entry) in str(e.value)
+
+
+def test_two_entries_of_one_name_are_refused() -> None:
+    entries = [EXACT, "tests.reward_fns.exact_match:exact_match"]  # one function, by file and by module
+    with pytest.raises(ConfigError, match="two entries are named 'exact_match'"):
+        reward_funcs.load(LearnerConfig(reward_funcs=entries))
+
+
+def test_a_file_runs_once_however_often_it_is_loaded() -> None:
+    first = reward_funcs.load(LearnerConfig(reward_funcs=[EXACT]))[0].fn
+    assert reward_funcs.load(LearnerConfig(reward_funcs=[EXACT]))[0].fn is first
+
+
+def test_a_bad_entry_exits_2_before_the_model_loads(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        # --model points nowhere: reaching the model would fail differently
+        main(
+            ["--mode", "supervised", "--data", "examples/supervised.jsonl", "--model", str(tmp_path / "none")]
+            + ["--output-dir", str(tmp_path), "--reward-funcs", f"{PROBES}:typo"]
+        )
+    assert e.value.code == 2
+    assert f"'{PROBES}:typo': {PROBES} has no 'typo'" in capsys.readouterr().err
+
+
+# --- calling Python functions ---------------------------------------------------------------------
+
+
+def test_a_trl_reward_function_gets_trls_arguments_and_runs_unchanged() -> None:
+    cfg = LearnerConfig(mode="supervised", reward_funcs=[EXACT, f"{PROBES}:record"])
+    rows = [
+        SupervisedRow(prompt="2+3=", answer="5", extra={"level": 1}),
+        SupervisedRow(prompt=[ChatMessage(role="user", content="1+1=")], answer="2"),
+    ]
+    rewards_P_G, components_P_G = python_rewards(cfg, rows, [["5", " 5 ", "6"], ["2", "", "22"]])
+    # exact_match: equal after strip(); the chat row's completion is a message.
+    want_P_G = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(components_P_G["exact_match"], want_P_G, rtol=0, atol=0)
+    torch.testing.assert_close(rewards_P_G, want_P_G, rtol=0, atol=0)  # + record's zeros
+    seen = reward_funcs.load(cfg)[1].fn.seen
+    chat = [{"role": "user", "content": "1+1="}]
+    assert seen["prompts"] == ["2+3="] * 3 + [chat] * 3  # N = P * G, prompt by prompt
+    assert seen["completions"][:3] == ["5", " 5 ", "6"]
+    assert seen["completions"][3:] == [[{"role": "assistant", "content": t}] for t in ["2", "", "22"]]
+    assert seen["completion_ids"][0] == [ord("5"), EOS]  # as sampled: end-of-sequence included
+    assert seen["answer"] == ["5"] * 3 + ["2"] * 3  # a supervised row's answer is a column
+    assert seen["level"] == [1] * 3 + [None] * 3  # a column a row lacks is None there
+
+
+def test_async_functions_run_concurrently_and_mix_with_sync_ones() -> None:
+    # meet_two and meet_three each wait until both have started: awaited one after the other,
+    # the first would wait alone and raise.
+    cfg = LearnerConfig(reward_funcs=[f"{PROBES}:meet_two", f"{PROBES}:length_or_none", f"{PROBES}:meet_three"])
+    rewards_P_G, components_P_G = python_rewards(cfg, [UnsupervisedRow(text="hi")], [["abc", "de"]])
+    torch.testing.assert_close(components_P_G["meet_three"], torch.tensor([[3.0, 3.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(rewards_P_G, torch.tensor([[2 + 3 + 3.0, 2 + 2 + 3.0]]), rtol=0, atol=0)
+    assert list(components_P_G) == ["meet_two", "length_or_none", "meet_three"]  # the configured order
+
+
+def test_none_adds_nothing_and_a_completion_nothing_applies_to_scores_0(caplog) -> None:
+    cfg = LearnerConfig(reward_funcs=[EXACT, f"{PROBES}:length_or_none"], reward_weights=[2.0, 0.5])
+    rows = [UnsupervisedRow(text="2+3=", extra={"answer": "5"}), UnsupervisedRow(text="hi")]  # no answer: None
+    with caplog.at_level(logging.WARNING, logger="learner"):
+        rewards_P_G, components_P_G = python_rewards(cfg, rows, [["5", "56"], ["", "ab"]], step=4)
+    # exact_match: [1, 0 | None, None]; length_or_none: [1, 2 | None (empty), 2].
+    nan = torch.nan
+    torch.testing.assert_close(components_P_G["exact_match"], torch.tensor([[1.0, 0.0], [nan, nan]]), equal_nan=True)
+    torch.testing.assert_close(components_P_G["length_or_none"], torch.tensor([[1.0, 2.0], [nan, 2.0]]), equal_nan=True)
+    # 2 * 1 + 0.5 * 1 | 2 * 0 + 0.5 * 2 || nothing applies: 0 | 0.5 * 2
+    torch.testing.assert_close(rewards_P_G, torch.tensor([[2.5, 1.0], [0.0, 1.0]]), rtol=0, atol=0)
+    assert "step 4: no reward function applies to 1 completion(s)" in caplog.text
+    assert "completion 0 of prompt 'hi'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("raises", r"raised ValueError: the judge is down \(probes.py:\d+\)"),
+        ("raises_async", r"raised ValueError: the async judge is down \(probes.py:\d+\)"),
+        ("one_short", "returned 3 rewards for 4 completions"),
+        ("a_number", "returned a float, not a list of 4 rewards"),
+        ("a_tuple_of_strings", r"returned '1.0' \(str\) for completion 0: not a number or None"),
+        ("infinite", "returned inf for completion 0: rewards are finite numbers, or None"),
+    ],
+)
+def test_a_failing_function_is_named_with_the_step(name: str, message: str) -> None:
+    cfg = LearnerConfig(reward_funcs=[EXACT, f"{PROBES}:{name}"])
+    with pytest.raises(RewardFunctionError, match=message) as e:
+        python_rewards(cfg, [UnsupervisedRow(text="a"), UnsupervisedRow(text="b")], [["x", "y"], ["z", "w"]], step=7)
+    assert str(e.value).startswith(f"reward function '{PROBES}:{name}' at step 7: ")
+
+
+def test_components_are_posted_with_none_where_a_function_did_not_apply() -> None:
+    class Client:  # the one RolloutClient method post_scores calls
+        def post_scores(self, rollout_id: str, scores: SampleScores) -> None:
+            self.posted = (rollout_id, scores)
+
+    client = Client()
+    link = ServerLink(client, LearnerConfig(), canary=None)
+    components = {"exact_match": torch.tensor([[1.0, torch.nan]]), "length": torch.tensor([[2.0, 3.0]])}
+    link.post_scores("r1", torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, -1.0]]), 3, components)
+    rollout_id, scores = client.posted
+    assert rollout_id == "r1" and scores.step == 3
+    assert scores.components == {"exact_match": [[1.0, None]], "length": [[2.0, 3.0]]}
+
+
+# --- with the policy: built-ins and Python functions together ----------------------------------------
+
+
+@pytest.fixture
+def tiny_policy(tiny_model_dir: Path):
+    """The tiny model with a LoRA that is not a no-op, and its tokenizer."""
+    torch.manual_seed(0)
+    policy, tokenizer = load_policy(str(tiny_model_dir), LearnerConfig())
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    return policy, tokenizer
+
+
+ROWS = [SupervisedRow(prompt="2+3=", answer="5"), SupervisedRow(prompt="4+4=", answer="8")]
+TEXTS_P_G = [["5", "15", "6"], ["8", "8", "9 9"]]
+EXACT_P_G = [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]  # exact_match of TEXTS_P_G: "5" | "15", "6" || "8", "8" | "9 9"
+
+
+def tokenized(tokenizer) -> tuple[list[list[int]], list[list[list[int]]], list[list[int]]]:
+    """prompt_ids_P, text_ids_P_G and answer_ids_P of ROWS and TEXTS_P_G."""
+    prompt_ids_P = [tokenizer.encode(row.prompt) for row in ROWS]
+    text_ids_P_G = [[tokenizer.encode(t) for t in g] for g in TEXTS_P_G]
+    return prompt_ids_P, text_ids_P_G, [tokenizer.encode(row.answer) for row in ROWS]
+
+
+def learn_step(policy, tokenizer, optimizer, cfg: LearnerConfig, *, step: int = 1):
+    """learn_from on ROWS and TEXTS_P_G, each completion stopped by the tokenizer's EOS."""
+    prompt_ids_P, text_ids_P_G, answer_ids_P = tokenized(tokenizer)
+    eos = tokenizer.eos_token_id
+    completions = [
+        [
+            Completion(text="", token_ids=[*ids, eos], logprobs=[-2.0] * (len(ids) + 1), finish_reason="stop")
+            for ids in g
+        ]
+        for g in text_ids_P_G
+    ]
+    return learn_from(
+        policy,
+        optimizer,
+        prompt_ids_P,
+        completions,
+        text_ids_P_G,
+        answer_ids_P,
+        cfg,
+        pad_id=0,
+        reward_fns=reward_funcs.load(cfg),
+        rows_P=ROWS,
+        decode=tokenizer.decode,
+        step=step,
+    )
+
+
+def test_a_function_and_a_built_in_sum_by_weight(tiny_policy) -> None:
+    policy, tokenizer = tiny_policy
+    cfg = LearnerConfig(mode="supervised", reward_funcs=[EXACT, "answer_perplexity"], reward_weights=[1.0, 0.5])
+    # The built-in alone, as the mode's reward, scored before the update changes the policy.
+    alone_cfg = LearnerConfig(mode="supervised", reward="answer_perplexity")
+    prompt_ids_P, text_ids_P_G, answer_ids_P = tokenized(tokenizer)
+    perplexity_P_G = scoring.score(policy, prompt_ids_P, text_ids_P_G, answer_ids_P, alone_cfg, pad_id=0)
+    exact_P_G = torch.tensor(EXACT_P_G)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+    learned = learn_step(policy, tokenizer, optimizer, cfg)
+    torch.testing.assert_close(learned.components_P_G["answer_perplexity"], perplexity_P_G)
+    torch.testing.assert_close(learned.components_P_G["exact_match"], exact_P_G, rtol=0, atol=0)
+    torch.testing.assert_close(learned.rewards_P_G, 1.0 * exact_P_G + 0.5 * perplexity_P_G)
+    want_advantages = group_normalize(learned.rewards_P_G, eps=cfg.advantage_eps, scale_by_std=True)
+    torch.testing.assert_close(learned.advantages_P_G, want_advantages)
+    assert not learned.stats.skipped and learned.score_s > 0
+
+
+def test_a_failing_function_leaves_the_policy_and_optimizer_untouched(tiny_policy) -> None:
+    policy, tokenizer = tiny_policy
+    cfg = LearnerConfig(mode="supervised", reward_funcs=["answer_perplexity", f"{PROBES}:raises"])
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    rows = []
+    hook = (
+        policy.get_base_model()
+        .get_decoder()
+        .register_forward_pre_hook(lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    )
+    try:
+        with pytest.raises(
+            RewardFunctionError, match=f"reward function '{PROBES}:raises' at step 9: raised ValueError"
+        ):
+            learn_step(policy, tokenizer, optimizer, cfg, step=9)
+    finally:
+        hook.remove()
+    assert rows == []  # Python functions run first: not even the built-in's scoring pass ran
+    for name, param in policy.named_parameters():
+        assert torch.equal(param, before[name]), name
+        assert param.grad is None, name
+    assert optimizer.state_dict()["state"] == {}  # no step taken

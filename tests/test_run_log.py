@@ -1,0 +1,189 @@
+"""RunLog on its own (no model, no server): metrics.jsonl rows, eval rows, each step's samples file."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner.learn import Learned
+from learner.run_log import RunLog, drop_steps_after, reward_function_stats
+from learner.update import UpdateStats
+from shared.config import LearnerConfig
+from shared.schemas import ChatMessage, Completion, PromptRollout, RolloutResponse, SampleRecord
+
+NAN = math.nan
+STATS = UpdateStats(
+    loss=0.1,
+    kl=0.01,
+    clip_fraction=0.0,
+    is_weight=1.0,
+    sampler_gap=0.001,
+    sampler_gap_p50=0.001,
+    sampler_gap_p99=0.002,
+    is_weight_p50=1.0,
+    is_weight_p99=1.0,
+    clamped_tokens=0,
+    grad_norm=0.5,
+    skipped=False,
+)
+# phases of a 2-second step: 4 completions in it make 2 completions/s
+SECONDS = {"generate": 1.25, "score": 0.25, "update": 0.25, "swap": 0.25}
+
+
+def rollout(finish_reasons_P_G: list[list[str]]) -> RolloutResponse:
+    """A rollout of len(finish_reasons_P_G) prompts sent as token ids, completion (p, g) of g + 1 tokens."""
+    return RolloutResponse(
+        rollout_id="r-1",
+        adapter="policy",
+        policy_version=3,
+        created_at=datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC),
+        results=[
+            PromptRollout(
+                prompt=None,
+                prompt_token_ids=[1, 2, p],
+                completions=[
+                    Completion(
+                        text=f"c{p}{g}", token_ids=[7] * (g + 1), logprobs=[-0.5] * (g + 1), finish_reason=reason
+                    )
+                    for g, reason in enumerate(reasons)
+                ],
+            )
+            for p, reasons in enumerate(finish_reasons_P_G)
+        ],
+    )
+
+
+def learned(rewards: list[list[float]], components: dict[str, list[list[float]]] | None = None) -> Learned:
+    rewards_P_G = torch.tensor(rewards)
+    advantages_P_G = rewards_P_G - rewards_P_G.mean(dim=1, keepdim=True)
+    components_P_G = {name: torch.tensor(v) for name, v in (components or {}).items()}
+    return Learned(rewards_P_G, advantages_P_G, STATS, score_s=0.25, components_P_G=components_P_G)
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> LearnerConfig:
+    return LearnerConfig(output_dir=tmp_path / "run", steps=10, sample_every=0)
+
+
+def test_a_step_row_is_on_disk_before_the_log_closes_with_rates_and_per_function_rewards(cfg: LearnerConfig) -> None:
+    log = RunLog(cfg)
+    try:
+        log.step(
+            7,
+            4,
+            rollout([["length", "stop"], ["stop", "length"]]),
+            # "format" applied to the first completion of each prompt; "exact" to none
+            learned([[1.0, 0.0], [0.5, 0.5]], {"format": [[1.0, NAN], [0.0, NAN]], "exact": [[NAN, NAN], [NAN, NAN]]}),
+            SECONDS,
+            prompts=["1+1=", "2+2="],
+        )
+        (row,) = rows(log.path)  # read while the file is still open: `tail -f` sees the step
+    finally:
+        log.close()
+    assert row["step"] == 7 and row["policy_version"] == 4
+    assert row["completions_per_s"] == 2.0  # 4 completions / (1.25 + 0.25 + 0.25 + 0.25) s
+    assert row["clipped_ratio"] == 0.5  # 2 of 4 finished at max_tokens
+    assert row["completion_len"] == 1.5  # tokens 1, 2, 1, 2
+    assert row["reward_mean"] == 0.5  # (1 + 0 + 0.5 + 0.5) / 4
+    # format over its two values 1 and 0: mean 0.5, population std 0.5
+    assert row["rewards/format/mean"] == 0.5 and row["rewards/format/std"] == 0.5
+    # exact applied to nothing: NaN, which JSON writes as null
+    assert row["rewards/exact/mean"] is None and row["rewards/exact/std"] is None
+    assert row["time_generate"] == 1.25 and row["kl"] == 0.01
+
+
+def test_a_single_builtin_reward_logs_no_per_function_keys(cfg: LearnerConfig) -> None:
+    log = RunLog(cfg)
+    log.step(1, 1, rollout([["stop", "stop"]]), learned([[1.0, 0.0]]), SECONDS, prompts=["p"])
+    log.close()
+    (row,) = rows(log.path)
+    assert not [k for k in row if k.startswith("rewards/")]
+    assert row["clipped_ratio"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("values", "mean", "std"),
+    [
+        ([[2.0, 4.0]], 3.0, 1.0),  # all applied: population std of {2, 4} is 1
+        ([[2.0, NAN], [NAN, 4.0]], 3.0, 1.0),  # NaNs (not applied) are left out, not counted as 0
+        ([[5.0, NAN]], 5.0, 0.0),  # one value: no spread
+        ([[NAN, NAN]], NAN, NAN),  # applied to none: no mean
+        ([[1e30, -1e30]], 0.0, 1e30),  # huge magnitudes neither overflow nor lose the mean
+    ],
+)
+def test_reward_function_stats(values: list[list[float]], mean: float, std: float) -> None:
+    stats = reward_function_stats({"f": torch.tensor(values, dtype=torch.float64)})
+    assert stats.keys() == {"rewards/f/mean", "rewards/f/std"}
+    torch.testing.assert_close(
+        torch.tensor([stats["rewards/f/mean"], stats["rewards/f/std"]], dtype=torch.float64),
+        torch.tensor([mean, std], dtype=torch.float64),
+        equal_nan=True,
+    )
+
+
+def test_each_step_writes_its_rollout_and_scores_as_a_samples_record(cfg: LearnerConfig) -> None:
+    sent = rollout([["stop", "length"], ["stop", "stop"]])
+    log = RunLog(cfg)
+    log.step(
+        123,
+        4,
+        sent,
+        learned([[1.0, 0.0], [0.5, 0.5]], {"format": [[1.0, NAN], [0.0, 1.0]]}),
+        SECONDS,
+        prompts=["a", [ChatMessage(role="user", content="b")]],
+    )
+    log.close()
+    (line,) = (cfg.output_dir / "samples" / "step_000123.jsonl").read_text().splitlines()
+    record = SampleRecord.model_validate_json(line)  # GET /v1/samples's schema, as the server checks it
+    # the rollout as sent, with each prompt as the data gave it (the learner sends token ids)
+    assert [r.prompt for r in record.results] == ["a", [ChatMessage(role="user", content="b")]]
+    unprompted = [r.model_copy(update={"prompt": None}) for r in record.results]
+    assert record.model_copy(update={"results": unprompted}).model_dump(exclude={"scores", "truncated"}) == (
+        sent.model_dump()
+    )
+    assert record.scores is not None and record.scores.step == 123
+    assert record.scores.rewards == [[1.0, 0.0], [0.5, 0.5]]
+    assert record.scores.advantages == [[0.5, -0.5], [0.0, 0.0]]
+    assert record.scores.components == {"format": [[1.0, None], [0.0, 1.0]]}  # NaN: did not apply
+
+
+def test_a_skipped_update_records_its_completions_without_scores(cfg: LearnerConfig) -> None:
+    log = RunLog(cfg)
+    log.step(2, 1, rollout([["stop", "stop"]]), learned([[NAN, 1.0]]), SECONDS, prompts=["p"])
+    log.close()
+    record = SampleRecord.model_validate_json((cfg.output_dir / "samples" / "step_000002.jsonl").read_text())
+    assert record.scores is None and record.results[0].completions[1].text == "c01"
+    assert rows(log.path)[0]["reward_mean"] is None
+
+
+def test_a_redone_step_replaces_its_samples_file_whole(cfg: LearnerConfig) -> None:
+    for reward in (0.0, 1.0):  # the first run, then a resumed run redoing step 5
+        log = RunLog(cfg)
+        log.step(5, 1, rollout([["stop", "stop"]]), learned([[reward, 0.0]]), SECONDS, prompts=["p"])
+        log.close()
+    samples = cfg.output_dir / "samples"
+    assert [p.name for p in samples.iterdir()] == ["step_000005.jsonl"]  # no temp file left behind
+    record = SampleRecord.model_validate_json((samples / "step_000005.jsonl").read_text())
+    assert record.scores is not None and record.scores.rewards == [[1.0, 0.0]]
+
+
+def test_eval_metrics_are_a_row_of_their_own_that_a_resume_drops_with_its_step(cfg: LearnerConfig) -> None:
+    log = RunLog(cfg)
+    for step in (1, 2):
+        log.step(step, step, rollout([["stop", "stop"]]), learned([[1.0, 0.0]]), SECONDS, prompts=["p"])
+        log.eval(step, {"accuracy": step / 4, "loss": NAN})
+    log.close()
+    written = rows(log.path)
+    assert [(r["step"], "reward_mean" in r) for r in written] == [(1, True), (1, False), (2, True), (2, False)]
+    assert {k: v for k, v in written[1].items() if k != "time"} == {"step": 1, "eval/accuracy": 0.25, "eval/loss": None}
+    drop_steps_after(log.path, 1)  # resuming from step 1's checkpoint: step 2 is redone, its eval too
+    assert [r["step"] for r in rows(log.path)] == [1, 1]
