@@ -10,12 +10,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from rollout_server.engine import RolloutEngine, VllmEngine
 from rollout_server.guard import RequestGuard
-from rollout_server.http_errors import STATUS
+from rollout_server.http_errors import OPENAI_PATHS, STATUS, error_body
+from rollout_server.openai_routes import openai_router
 from rollout_server.routes import router
 from rollout_server.service import RolloutService
 from shared.config import ServerConfig
@@ -54,18 +57,33 @@ def build_app(
 
     app = FastAPI(title="GRPO rollout server", version="0.1.0", lifespan=lifespan)
     key = (api_key if api_key is not None else os.environ.get("ROLLOUT_API_KEY")) or None
-    app.add_middleware(RequestGuard, api_key=key, max_body_bytes=cfg.max_body_bytes, status=STATUS)
+    app.add_middleware(
+        RequestGuard, api_key=key, max_body_bytes=cfg.max_body_bytes, status=STATUS, error_body=error_body
+    )
     app.include_router(router)
+    app.include_router(openai_router)
 
     def handler(status: int) -> Callable[[Request, Exception], JSONResponse]:
-        def respond(_: Request, exc: Exception) -> JSONResponse:
-            return JSONResponse({"detail": _detail(exc)}, status_code=status)
+        def respond(request: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse(error_body(request.scope["path"], status, _detail(exc), type(exc)), status_code=status)
 
         return respond
 
     for exc_type, status in STATUS.items():  # domain errors -> HTTP: http_errors.py
         app.add_exception_handler(exc_type, handler(status))
+    app.add_exception_handler(HTTPException, _http_exception)
     return app
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """FastAPI's own refusals (a body that is not JSON, a wrong method) in OpenAI's shape on its
+    routes; FastAPI's answer elsewhere."""
+    assert isinstance(exc, HTTPException)
+    path = request.scope["path"]
+    if path not in OPENAI_PATHS:
+        return await http_exception_handler(request, exc)
+    body = error_body(path, exc.status_code, _cut(str(exc.detail), _MAX_DETAIL_CHARS))
+    return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 
 _MAX_SHOWN_ERRORS = 10

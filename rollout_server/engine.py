@@ -51,6 +51,11 @@ class RolloutEngine(Protocol):
         conversation through the chat template with the generation prompt."""
         ...
 
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token decoded alone, special tokens included (a character split over several tokens
+        shows as U+FFFD in each), for OpenAI-style logprobs."""
+        ...
+
     async def generate(
         self,
         prompt_token_ids: list[int],
@@ -137,6 +142,9 @@ class VllmEngine:
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         return prompt_token_ids(self._tokenizer, prompt)
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        return [self._tokenizer.decode([token_id]) for token_id in token_ids]
 
     async def generate(
         self,

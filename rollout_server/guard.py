@@ -3,12 +3,16 @@
 A pure ASGI middleware, so a request without the key is refused (401) before one byte of its body
 is read, and a body over `max_body_bytes` is refused (413) by its Content-Length, or, sent chunked,
 as soon as it grows past the bound. /health stays public; /docs, /redoc and /openapi.json do not.
+The samples page (/ui) also takes the key as `?key=`: a browser sends no Authorization header when
+it navigates.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,19 +20,29 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shared.errors import GrpoError, PayloadTooLargeError, UnauthorizedError
 
 PUBLIC_PATHS = frozenset({"/health"})
+QUERY_KEY_PATHS = frozenset({"/ui"})
+"""Pages a browser opens: they take the key as the query parameter `key` too."""
 
 
 class RequestGuard:
     """Checks the `Authorization: Bearer <api_key>` header (when a key is set), then reads the body
-    up to `max_body_bytes` and hands it on; refusals answer `{"detail": ...}` with `status[type]`."""
+    up to `max_body_bytes` and hands it on; refusals answer `error_body(path, status, message,
+    type)` with `status[type]`."""
 
     def __init__(
-        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, status: Mapping[type[Exception], int]
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        status: Mapping[type[Exception], int],
+        error_body: Callable[[str, int, str, type[Exception]], dict[str, Any]],
     ) -> None:
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.status = status
+        self.error_body = error_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,12 +59,17 @@ class RequestGuard:
         await self.app(scope, _replay(body, receive), send)
 
     def _check_key(self, scope: Scope) -> None:
+        query_key = _take_query_key(scope) if scope["path"] in QUERY_KEY_PATHS else None
         if self.api_key is None or scope["path"] in PUBLIC_PATHS:
             return
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not secrets.compare_digest(token, self.api_key.encode()):
-            raise UnauthorizedError("missing or wrong API key (send 'Authorization: Bearer <ROLLOUT_API_KEY>')")
+        if scheme.lower() == b"bearer" and secrets.compare_digest(token, self.api_key.encode()):
+            return
+        if query_key is not None and secrets.compare_digest(query_key, self.api_key.encode()):
+            return
+        how = "open it as ?key=<ROLLOUT_API_KEY>, or " if scope["path"] in QUERY_KEY_PATHS else ""
+        raise UnauthorizedError(f"missing or wrong API key ({how}send 'Authorization: Bearer <ROLLOUT_API_KEY>')")
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body, or None if the client disconnected first."""
@@ -78,8 +97,21 @@ class RequestGuard:
 
     async def _refuse(self, error: GrpoError, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, UnauthorizedError) else None
-        response = JSONResponse({"detail": str(error)}, status_code=self.status[type(error)], headers=headers)
+        status = self.status[type(error)]
+        body = self.error_body(scope["path"], status, str(error), type(error))
+        response = JSONResponse(body, status_code=status, headers=headers)
         await response(scope, receive, send)
+
+
+def _take_query_key(scope: Scope) -> bytes | None:
+    """The query parameter `key` (its last value), removed from the scope's query string: uvicorn's
+    access log prints the query string of this same scope, and must not print the key."""
+    pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+    keys = [value for name, value in pairs if name == "key"]
+    if not keys:
+        return None
+    scope["query_string"] = urlencode([(name, value) for name, value in pairs if name != "key"]).encode()
+    return keys[-1].encode()
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

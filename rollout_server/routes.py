@@ -10,9 +10,11 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rollout_server.http_errors import UNPARSED_BODY, error_responses
+from rollout_server.samples_page import SAMPLES_PAGE, SAMPLES_PAGE_HEADERS
 from rollout_server.service import RolloutService
 from shared.errors import (
     AdapterBusyError,
@@ -72,10 +74,10 @@ async def health(service: ServiceDep) -> HealthResponse:
     ),
 )
 async def rollouts(body: RolloutRequest, service: ServiceDep, request: Request) -> RolloutResponse:
-    return await _cancelled_on_disconnect(request, service.rollout(body))
+    return await cancelled_on_disconnect(request, service.rollout(body))
 
 
-async def _cancelled_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+async def cancelled_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """Await `work`, cancelling it if the client disconnects first (vLLM then aborts its requests).
 
     The body has been read, so the next ASGI message is the disconnect (or comes after the response).
@@ -156,8 +158,9 @@ async def samples(
     service: ServiceDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 10,
     adapter: str | None = None,
+    tokens: Annotated[bool, Query(description="false: without token ids and logprobs (texts only)")] = True,
 ) -> SamplesResponse:
-    return SamplesResponse(samples=service.samples.recent(limit, adapter))
+    return SamplesResponse(samples=service.samples.recent(limit, adapter, tokens=tokens))
 
 
 @router.post(
@@ -179,3 +182,18 @@ async def post_scores(rollout_id: str, body: SampleScores, service: ServiceDep) 
 )
 async def metrics(service: ServiceDep) -> Response:
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get(
+    "/ui",
+    response_class=Response,  # as /metrics: the errors stay declared as JSON
+    responses={
+        200: {"description": "the samples page", "content": {"text/html": {"schema": {"type": "string"}}}},
+        **error_responses(),
+    },
+)
+async def samples_page() -> HTMLResponse:
+    """The samples page: recent rollouts, their completions and scores, refreshed every 3 s. With an
+    API key, open it as /ui?key=<key> (a browser sends no Authorization header when it navigates);
+    the page sends the key on as the Bearer header."""
+    return HTMLResponse(SAMPLES_PAGE, headers=SAMPLES_PAGE_HEADERS)

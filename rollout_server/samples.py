@@ -74,12 +74,14 @@ class SampleStore:
         await self._append({"event": "scores", "rollout_id": rollout_id}, _dumps(scores))
         return record
 
-    def recent(self, limit: int, adapter: str | None = None) -> list[SampleRecord]:
-        """Newest first, at most `limit`, optionally only those of one adapter."""
+    def recent(self, limit: int, adapter: str | None = None, *, tokens: bool = True) -> list[SampleRecord]:
+        """Newest first, at most `limit`, optionally only those of one adapter; without their token
+        ids and logprobs unless `tokens`."""
         out = []
         for kept in reversed(self._records.values()):
             if adapter is None or kept.adapter == adapter:
-                out.append(SampleRecord.model_validate_json(kept.data))
+                record = SampleRecord.model_validate_json(kept.data)
+                out.append(record if tokens else _without_tokens(record))
                 if len(out) == limit:
                     break
         return out
@@ -156,6 +158,20 @@ def _finite(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     return value
+
+
+def _without_tokens(record: SampleRecord) -> SampleRecord:
+    """The record without token ids and logprobs: most of its bytes, and nothing a person reads."""
+    results = [
+        r.model_copy(
+            update={
+                "prompt_token_ids": [],
+                "completions": [c.model_copy(update={"token_ids": [], "logprobs": []}) for c in r.completions],
+            }
+        )
+        for r in record.results
+    ]
+    return record.model_copy(update={"results": results})
 
 
 def _truncated(record: SampleRecord) -> SampleRecord:

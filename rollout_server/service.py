@@ -423,9 +423,30 @@ class RolloutService:
             del self._users[int_id]
             await self.engine.remove_lora(int_id)
 
+    @property
+    def base_model_id(self) -> str:
+        """The base model's id in GET /v1/models: its directory's name (answers show no host path)."""
+        return Path(self.cfg.model).resolve().name
+
+    def adapter_of(self, model: str) -> str | None:
+        """The adapter an OpenAI-style `model` names: None for the base model (`base_model_id`), which
+        wins over an adapter of the same name; AdapterNotFoundError when it names neither."""
+        if model == self.base_model_id:
+            return None
+        if model not in self._adapters:
+            raise AdapterNotFoundError(
+                f"the model {model!r} does not exist here: it is neither the base model {self.base_model_id!r} "
+                "nor a loaded adapter (GET /v1/models lists them)"
+            )
+        return model
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's text, decoded alone."""
+        return self.engine.token_texts(token_ids)
+
     def models(self) -> list[ModelCard]:
         """The base model and every served adapter with its version."""
-        base = Path(self.cfg.model).resolve().name  # the directory's name: answers show no host path
+        base = self.base_model_id
         cards = [ModelCard(id=base, kind="base", version=0, root=base)]
         cards += [
             ModelCard(id=name, kind="lora", version=s.version, root=shown_path(self.cfg.adapter_root, s.handle.path))

@@ -269,11 +269,18 @@ class SampleScores(_Wire):
     rewards: list[list[FiniteFloat]]
     advantages: list[list[FiniteFloat]]
     step: int | None = None
+    components: dict[str, list[list[FiniteFloat | None]]] = Field(default_factory=dict)
+    """Each reward function's own reward (before weighting), by function name, shaped like
+    `rewards`; None where the function did not apply. `rewards` is their weighted sum."""
 
     @model_validator(mode="after")
     def _same_shape(self) -> SampleScores:
         if [len(r) for r in self.rewards] != [len(a) for a in self.advantages]:
             raise ValueError("'rewards' and 'advantages' must have the same [prompt][completion] shape")
+        shape = [len(r) for r in self.rewards]
+        for name, values in self.components.items():
+            if [len(r) for r in values] != shape:
+                raise ValueError(f"components[{name!r}] must have the [prompt][completion] shape of 'rewards'")
         return self
 
 
@@ -310,3 +317,175 @@ class HealthResponse(_Wire):
 
     status: Literal["ok"] = "ok"
     is_sleeping: bool
+
+
+# --- OpenAI-compatible ------------------------------------------------------------------------
+# POST /v1/completions and /v1/chat/completions in OpenAI's shapes, with the fields this server can
+# honour, so a person can try the base model or an adapter mid-training with curl or the `openai`
+# client. Each runs as a rollout: the same bounds, adapter versions and sample log.
+
+OpenAIStop = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+"""A stop string, bounded as RolloutRequest's are."""
+OpenAIFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+"""A finite float given as a number (an int too), not as "0.5" or false."""
+OpenAIPromptText = Annotated[Text, Field(min_length=1)]
+"""A completion prompt (a prompt needs at least one token)."""
+OPENAI_DEFAULT_MAX_TOKENS = 16
+"""`max_tokens` when a request gives none: OpenAI's default for completions (chat has no default
+there, but a server bound needs a number)."""
+
+
+class _OpenAIRequest(_Wire):
+    """The sampling fields both OpenAI-compatible requests take."""
+
+    model: Text = Field(min_length=1, max_length=256)
+    """The base model (its id in GET /v1/models: the model directory's name) or a loaded adapter's
+    name; anything else answers 404."""
+    max_tokens: StrictInt = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=1)
+    """Longest completion, in tokens (at most the server's max_tokens)."""
+    temperature: OpenAIFloat = Field(1.0, ge=0, le=2)
+    """Sampling temperature; 0 is greedy (then n must be 1), else at least MIN_TEMPERATURE (0.01)."""
+    top_p: OpenAIFloat = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    n: StrictInt = Field(1, ge=1)
+    """Completions per prompt."""
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
+    """Seeds the sampling as RolloutRequest.seed does; None: fresh randomness."""
+    stop: OpenAIStop | Annotated[list[OpenAIStop], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    """A string, or up to 16, that end a completion (excluded from it)."""
+    stream: bool = Field(False, strict=True)
+    """Streaming is not served: true answers 400."""
+
+
+class OpenAICompletionRequest(_OpenAIRequest):
+    """`POST /v1/completions`: OpenAI's legacy completions, text prompts only."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"model": "policy", "prompt": "12+7=", "max_tokens": 4, "logprobs": 0}]}
+    )
+
+    prompt: OpenAIPromptText | Annotated[list[OpenAIPromptText], Field(min_length=1)]
+    """A prompt text or a list of them, tokenized as a rollout's are (BOS when the tokenizer adds one)."""
+    logprobs: StrictInt | None = Field(None, ge=0, le=0)
+    """0: each token's sampler logprob (at the sampling temperature) in `token_logprobs`. The top
+    alternatives that larger values ask for are not served (422)."""
+
+
+class OpenAIChatRequest(_OpenAIRequest):
+    """`POST /v1/chat/completions`: one conversation, rendered by the model's chat template."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "policy", "messages": [{"role": "user", "content": "12+7="}], "max_tokens": 4}]
+        }
+    )
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    """OpenAI's newer name for `max_tokens`; when given, it is the one used."""
+    logprobs: bool = Field(False, strict=True)
+    """True: each token's sampler logprob (at the sampling temperature) in `logprobs.content`."""
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=0)
+    """Top alternatives per token are not served: only 0 (or none) is taken."""
+
+
+class OpenAIUsage(_Wire):
+    """Tokens of a request: each prompt counted once, every completion's tokens."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class OpenAICompletionLogprobs(_Wire):
+    """A completion's tokens and their sampler logprobs, in OpenAI's legacy shape."""
+
+    tokens: list[str]
+    """Each token decoded alone (a character split over tokens shows as U+FFFD)."""
+    token_logprobs: list[float]
+    top_logprobs: None = None
+    """Alternatives are not served."""
+    text_offset: list[int]
+    """Where each token starts, counting the characters of the tokens before it."""
+
+
+class OpenAICompletionChoice(_Wire):
+    index: int
+    """prompt index * n + completion index."""
+    text: str
+    logprobs: OpenAICompletionLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class OpenAICompletionResponse(_Wire):
+    """What `POST /v1/completions` returns."""
+
+    id: str
+    """'cmpl-' + the rollout id it is recorded under in the sample log (GET /v1/samples, /ui)."""
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    """Unix time, in seconds."""
+    model: str
+    choices: list[OpenAICompletionChoice]
+    usage: OpenAIUsage
+    policy_version: int
+    """Not OpenAI's: the version of `model` that answered (0 for the base model)."""
+
+
+class OpenAIAssistantMessage(_Wire):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class OpenAITokenLogprob(_Wire):
+    """One token of a chat completion with its sampler logprob."""
+
+    token: str
+    """The token decoded alone (a character split over tokens shows as U+FFFD)."""
+    logprob: float
+    bytes: list[int]
+    """`token` as UTF-8."""
+    top_logprobs: list[OpenAITokenLogprob] = Field(default_factory=list)
+    """Alternatives are not served: always empty."""
+
+
+class OpenAIChatLogprobs(_Wire):
+    content: list[OpenAITokenLogprob]
+
+
+class OpenAIChatChoice(_Wire):
+    index: int
+    message: OpenAIAssistantMessage
+    logprobs: OpenAIChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class OpenAIChatResponse(_Wire):
+    """What `POST /v1/chat/completions` returns."""
+
+    id: str
+    """'chatcmpl-' + the rollout id it is recorded under in the sample log (GET /v1/samples, /ui)."""
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    """Unix time, in seconds."""
+    model: str
+    choices: list[OpenAIChatChoice]
+    usage: OpenAIUsage
+    policy_version: int
+    """Not OpenAI's: the version of `model` that answered (0 for the base model)."""
+
+
+class OpenAIError(_Wire):
+    message: str
+    type: str
+    """'invalid_request_error', 'authentication_error', 'not_found_error' or 'server_error'."""
+    param: str | None = None
+    code: str | None = None
+    """'model_not_found' when `model` names nothing served; else None."""
+
+
+class OpenAIErrorResponse(_Wire):
+    """What the OpenAI-compatible routes answer on every refusal and failure: OpenAI's error shape,
+    with the status and message the other routes give in `{"detail": ...}`."""
+
+    error: OpenAIError

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rollout_server.engine import LoraHandle
+from shared.config import ServerConfig
 from shared.schemas import Completion, Prompt, RolloutRequest
 
 BASE_CONFIG = {
@@ -43,10 +44,15 @@ class FakeEngine:
         self.weights: dict[str, torch.Tensor] = {}  # what load_weights last read
         self.weight_loads = 0  # load_weights calls so far
         self.generated_on: list[int] = []  # weight_loads at each generate() call
+        self.requests: list[tuple[list[int], RolloutRequest]] = []  # each generate()'s prompt and request
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         text = prompt if isinstance(prompt, str) else "".join(f"{m.role}:{m.content}" for m in prompt)
         return list(text.encode())
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        # Its completions' ids are labels ([int_id, i, seed]), not bytes of a text.
+        return [f"<{t}>" for t in token_ids]
 
     async def generate(
         self,
@@ -58,6 +64,7 @@ class FakeEngine:
     ) -> list[Completion]:
         if prompt_token_ids == self.fail_prompt:
             raise RuntimeError(f"engine failure on request {request_id}")
+        self.requests.append((prompt_token_ids, request))
         loads = self.weight_loads
         self.generated_on.append(loads)
         if self.gate is not None:
@@ -108,6 +115,23 @@ BASE_WEIGHTS = {
     "model.layers.0.self_attn.k_proj.weight": torch.full((8, 16), -1.0),
 }
 """Layer 0 attention of BASE_CONFIG: what merged serving merges into (q_proj) or copies (k_proj)."""
+
+
+def fake_server_config(tmp_path: Path, **overrides) -> ServerConfig:
+    """A server config over a fake base in `tmp_path`, with small bounds the HTTP tests reach."""
+    limits = {
+        "max_lora_rank": 8,
+        "max_n": 16,
+        "max_tokens": 32,
+        "max_prompts": 4,
+        "max_prompt_chars": 100,
+        "max_model_len": 64,
+    }
+    return ServerConfig(
+        model=str(write_base_config(tmp_path / "base")),
+        adapter_root=tmp_path / "adapters",
+        **{**limits, **overrides},
+    )
 
 
 def write_base_config(model_dir: Path) -> Path:

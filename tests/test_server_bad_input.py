@@ -19,10 +19,11 @@ from safetensors.torch import save_file
 
 from rollout_server.app import build_app
 from rollout_server.guard import PUBLIC_PATHS
+from rollout_server.http_errors import OPENAI_PATHS
 from rollout_server.samples import SampleStore
 from shared.config import ServerConfig
 from shared.schemas import Completion, ErrorResponse, PromptRollout, RolloutRequest, SampleRecord, SampleScores
-from tests.fakes import FakeEngine, write_base_config, write_fake_adapter
+from tests.fakes import FakeEngine, fake_server_config, write_fake_adapter
 
 KEY = "s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -30,17 +31,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> ServerConfig:
-    return ServerConfig(
-        model=str(write_base_config(tmp_path / "base")),
-        adapter_root=tmp_path / "adapters",
-        max_lora_rank=8,
-        max_n=16,
-        max_tokens=32,
-        max_prompts=4,
-        max_prompt_chars=100,
-        max_model_len=64,
-        samples_path=tmp_path / "samples.jsonl",
-    )
+    return fake_server_config(tmp_path, samples_path=tmp_path / "samples.jsonl")
 
 
 @pytest.fixture
@@ -553,9 +544,11 @@ def test_a_lora_path_whose_name_is_too_long_is_400(client: TestClient, cfg: Serv
 
 def test_every_error_status_is_declared_with_the_one_error_body(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
-    error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
+            # The OpenAI-compatible routes answer OpenAI's error shape, for OpenAI's clients.
+            model = "OpenAIErrorResponse" if path in OPENAI_PATHS else "ErrorResponse"
+            error_body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}
             errors = {status: r for status, r in operation["responses"].items() if status != "200"}
             assert all(r["content"] == error_body for r in errors.values()), (method, path)
             assert "413" in errors, (method, path)  # the guard reads every body

@@ -13,23 +13,12 @@ from rollout_server.app import build_app
 from rollout_server.service import RolloutService
 from shared.config import ServerConfig
 from shared.schemas import LoadLoraAdapterRequest, RolloutRequest
-from tests.fakes import FakeEngine, write_base_config, write_fake_adapter
+from tests.fakes import FakeEngine, fake_server_config, write_fake_adapter
 
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> ServerConfig:
-    return ServerConfig(
-        model=str(write_base_config(tmp_path / "base")),
-        adapter_root=tmp_path / "adapters",
-        max_lora_rank=8,
-        max_n=16,
-        max_tokens=32,
-        max_prompts=4,
-        max_prompt_chars=100,
-        max_model_len=64,
-        samples_capacity=3,
-        samples_path=tmp_path / "samples.jsonl",
-    )
+    return fake_server_config(tmp_path, samples_capacity=3, samples_path=tmp_path / "samples.jsonl")
 
 
 @pytest.fixture
@@ -174,7 +163,7 @@ def test_samples_are_recent_first_bounded_scored_and_persisted(client: TestClien
     assert [s["rollout_id"] for s in samples] == ids[::-1][:3]  # capacity 3: the oldest is gone
     scores = {"rewards": [[0.5, 1.0]], "advantages": [[-1.0, 1.0]], "step": 7}
     assert client.post(f"/v1/samples/{ids[-1]}/scores", json=scores).status_code == 200
-    assert client.get("/v1/samples?limit=1").json()["samples"][0]["scores"] == scores
+    assert client.get("/v1/samples?limit=1").json()["samples"][0]["scores"] == {**scores, "components": {}}
     assert client.post(f"/v1/samples/{ids[0]}/scores", json=scores).status_code == 404  # evicted
     bad = {"rewards": [[0.5]], "advantages": [[1.0]]}
     assert client.post(f"/v1/samples/{ids[-1]}/scores", json=bad).status_code == 422
