@@ -126,13 +126,59 @@ def test_evaluation_runs_before_the_first_step_and_every_eval_steps(
     )
     data = load_data(cfg)
     policy, tokenizer = load_policy(str(tiny_model_dir), cfg)
+    metrics = run_dir / "metrics.jsonl"  # shared with the module's other runs
+    before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     loop.run(cfg, data.train, policy, tokenizer, client, eval_rows=data.eval)
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval/reward_mean" in r]  # the other tests' runs evaluate nothing
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()[before:]]
+    evals = [r for r in rows if "eval/reward_mean" in r]
     assert [r["step"] for r in evals] == [0, 1, 2]
     for r in evals:
         assert r["eval/completions"] == len(data.eval)  # greedy: one completion per held-out row
         assert 0 <= r["eval/reward_mean"] <= 1 and 0 <= r["eval/exact_match"] <= 1
     # step 0 evaluated the base, later ones the version served after their step
     assert evals[0]["eval/reward_mean"] != evals[-1]["eval/reward_mean"]
+
+
+def test_the_cli_trains_on_parquet_chat_prompts_with_a_reward_function_by_path_and_tensorboard(
+    tiny_model_dir: Path, run_dir: Path, client: RolloutClient
+) -> None:
+    """What a new user does: chat prompts in a Parquet file, their own TRL-style reward function
+    by path beside a built-in, TensorBoard, evaluation; the console script's own entry point."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from learner.cli import main
+
+    data = run_dir / "chat.parquet"
+    rows = [
+        {"prompt": [{"role": "user", "content": f"{a}+{b}="}], "answer": str(a + b), "level": a % 2}
+        for a in range(6)
+        for b in range(3)
+    ]
+    datasets.Dataset.from_list(rows).to_parquet(str(data))
+    out = run_dir  # the server's adapter root
+    before = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+    main(
+        [
+            *("--mode", "supervised", "--data", str(data), "--model", str(tiny_model_dir)),
+            *("--server-url", str(client._http.base_url), "--output-dir", str(out), "--steps", "2"),
+            *("--prompts-per-step", "2", "--sampling-n", "4", "--sampling-max-tokens", "6", "--sample-every", "0"),
+            *("--reward-funcs", "answer_perplexity", "tests/reward_fns/exact_match.py:exact_match"),
+            *("--reward-weights", "1", "0.5", "--report-to", "tensorboard"),
+            *("--eval-fraction", "0.2", "--eval-steps", "2"),
+        ]
+    )
+
+    rows_out = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[before:]]
+    train = [r for r in rows_out if "reward_mean" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(0 <= r["rewards/exact_match/mean"] <= 1 for r in train)
+    assert [r["step"] for r in rows_out if "eval/reward_mean" in r] == [0, 2]
+    record = json.loads((out / "samples" / "step_000002.jsonl").read_text())
+    assert record["results"][0]["prompt"][0]["role"] == "user"  # the chat prompt, as the file gave it
+    assert set(record["scores"]["components"]) == {"answer_perplexity", "exact_match"}
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"reward_mean", "eval/reward_mean", "rewards/exact_match/mean"} <= set(events.Tags()["scalars"])
