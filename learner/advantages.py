@@ -20,24 +20,34 @@ def group_normalize(rewards_P_G: Tensor, *, eps: float, scale_by_std: bool) -> T
     (one sample, all zeros included) gets exactly zero advantage, never NaN. With
     `scale_by_std=False` (Dr. GRPO), A = R - mean_group.
 
+    A NaN reward marks an unscorable completion (no reward function applied to it): it is left
+    out of its group's mean, std and largest |reward|, and its advantage is 0 (TRL 1.16's
+    GRPOTrainer does the same), so it neither moves the policy nor shifts the others' baseline.
+
     Args:
         rewards_P_G: Float rewards, one row per prompt. P may be 0.
         eps: Floor of the group std, relative to the group's largest |reward|.
         scale_by_std: Divide by the group std (GRPO) or only centre (Dr. GRPO).
 
     Returns:
-        advantages_P_G, same shape and dtype as the rewards.
+        advantages_P_G, same shape and dtype as the rewards; finite wherever the rewards are
+        finite or NaN.
     """
     assert rewards_P_G.dim() == 2, f"rewards must be [P, G], got {tuple(rewards_P_G.shape)}"
     assert rewards_P_G.is_floating_point(), f"rewards must be float, got {rewards_P_G.dtype}"
     # Rewards are P*G scalars, so float64 is free. Subtracting each group's first reward first
     # cancels a large common offset exactly (Sterbenz) before the mean is rounded; mean and std are
     # shift-invariant, and an all-equal group becomes exact zeros, hence exactly zero advantage.
-    shifted_P_G = rewards_P_G.double() - rewards_P_G[:, :1].double()
-    advantages_P_G = shifted_P_G - shifted_P_G.mean(dim=1, keepdim=True)
+    # The shift is by each group's first scored reward; unscored entries are held at 0 throughout.
+    scored_P_G = ~rewards_P_G.isnan()
+    rewards_d_P_G = rewards_P_G.double().masked_fill(~scored_P_G, 0.0)
+    first_P_1 = rewards_d_P_G.gather(1, scored_P_G.int().argmax(dim=1, keepdim=True))
+    count_P_1 = scored_P_G.sum(dim=1, keepdim=True).clamp(min=1)
+    shifted_P_G = torch.where(scored_P_G, rewards_d_P_G - first_P_1, 0.0)
+    advantages_P_G = torch.where(scored_P_G, shifted_P_G - shifted_P_G.sum(dim=1, keepdim=True) / count_P_1, 0.0)
     if scale_by_std:
-        std_P_1 = advantages_P_G.square().mean(dim=1, keepdim=True).sqrt()  # population std
-        floor_P_1 = eps * rewards_P_G.double().abs().amax(dim=1, keepdim=True)
+        std_P_1 = (advantages_P_G.square().sum(dim=1, keepdim=True) / count_P_1).sqrt()  # population std
+        floor_P_1 = eps * rewards_d_P_G.abs().amax(dim=1, keepdim=True)
         denominator_P_1 = std_P_1 + floor_P_1
         # Zero only for an all-zero group, whose deviations are exact zeros: 0, not 0/0.
         advantages_P_G = torch.where(denominator_P_1 > 0, advantages_P_G / denominator_P_1, 0.0)

@@ -124,8 +124,8 @@ def eval_metrics(
     """The evaluation's figures, means over every held-out completion (NaN-aware per function);
     RunLog.eval writes them as `eval/<name>`."""
     metrics = {
-        "reward_mean": rewards_N.mean().item(),
-        "reward_std": rewards_N.std(correction=0).item(),
+        "reward_mean": rewards_N.nanmean().item(),  # unscorable completions (NaN) left out
+        "reward_std": rewards_N[~rewards_N.isnan()].std(correction=0).item(),
         "completions": float(rewards_N.numel()),
         "completion_len": sum(lengths_N) / len(lengths_N),
         "clipped_ratio": sum(clipped_N) / len(clipped_N),

@@ -16,6 +16,7 @@ for backward.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from learner.prompts import Row
 from learner.reward_funcs import RewardFunc
 from learner.update import UpdateStats, policy_update
 from shared.config import LearnerConfig
-from shared.schemas import Completion
+from shared.schemas import Completion, SampleScores
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,24 @@ class Learned:
     components_P_G: dict[str, Tensor] = field(default_factory=dict)
     """Each reward function's own rewards (before weighting), by name; NaN where one did not apply.
     Empty when the reward is a single built-in function at weight 1 (then it is `rewards_P_G`)."""
+
+    def sample_scores(self, step: int) -> SampleScores | None:
+        """The scores as the server's sample log and the samples files keep them: NaN (did not
+        apply, unscorable) as None. None when a value is infinite or an advantage is NaN (a
+        skipped update's), which JSON cannot hold."""
+        values = [self.rewards_P_G, *self.components_P_G.values()]
+        if any(v.isinf().any() for v in values) or not self.advantages_P_G.isfinite().all():
+            return None
+        return SampleScores(
+            rewards=_none_for_nan(self.rewards_P_G),
+            advantages=self.advantages_P_G.tolist(),
+            step=step,
+            components={name: _none_for_nan(values_P_G) for name, values_P_G in self.components_P_G.items()},
+        )
+
+
+def _none_for_nan(values_P_G: Tensor) -> list[list[float | None]]:
+    return [[None if math.isnan(v) else v for v in row] for row in values_P_G.tolist()]
 
 
 def rewards_come_from_the_update(policy: PeftModel, cfg: LearnerConfig, group_size: int) -> bool:

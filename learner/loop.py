@@ -81,9 +81,7 @@ def run(
                 version = next_version(adapter_root)
                 saved = save_adapter(policy, adapter_root, version)
                 server.publish(saved, version)
-            server.post_scores(
-                rollout.rollout_id, learned.rewards_P_G, learned.advantages_P_G, step, learned.components_P_G
-            )
+            server.post_scores(rollout.rollout_id, learned.sample_scores(step), step)
             scored, updated, swapped = learned.score_s, t2 - t1 - learned.score_s, time.perf_counter() - t2
             times = {"generate": t1 - t0, "score": scored, "update": updated, "swap": swapped}
             log.step(step, server.version, rollout, learned, times, prompts=[row.prompt for row in batch])

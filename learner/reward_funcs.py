@@ -144,7 +144,8 @@ def score(
     if unscored_P_G.any():
         p, g = (int(i) for i in unscored_P_G.nonzero()[0])
         log.warning(
-            "step %d: no reward function applies to %d completion(s) (all returned None), which score 0; "
+            "step %d: no reward function applies to %d completion(s) (all returned None): unscorable, they get "
+            "no reward and advantage 0 (as in TRL); "
             "the first is completion %d of prompt %r",
             step,
             int(unscored_P_G.sum()),

@@ -171,17 +171,20 @@ def weighted_reward_sum(rewards_P_G_F: Tensor, weights_F: Tensor) -> Tensor:
 
     NaN marks a completion a function does not apply to (it returned None): it adds nothing, as
     in TRL's GRPOTrainer (nansum), so a function that judges only some rows does not drag the
-    others' rewards. A completion no function applies to sums to 0 (the caller warns).
+    others' rewards. A completion no function applies to is unscorable: NaN, as in TRL 1.16 (a 0
+    would bias its group's baseline and give it an advantage of its own); `group_normalize` leaves
+    it out of the group's statistics and gives it advantage 0.
 
     Args:
         rewards_P_G_F: Each function's rewards, last axis in the order of `weights_F`.
         weights_F: One weight per function.
 
     Returns:
-        rewards_P_G, never NaN for finite inputs.
+        rewards_P_G, NaN exactly where every function's reward is NaN.
     """
     assert rewards_P_G_F.dim() == 3, f"rewards must be [P, G, F], got {tuple(rewards_P_G_F.shape)}"
     assert weights_F.shape == rewards_P_G_F.shape[2:], (
         f"weights {tuple(weights_F.shape)} vs {rewards_P_G_F.shape[2]} functions"
     )
-    return (rewards_P_G_F * weights_F).nansum(dim=2)
+    rewards_P_G = (rewards_P_G_F * weights_F).nansum(dim=2)
+    return rewards_P_G.masked_fill(rewards_P_G_F.isnan().all(dim=2), torch.nan)

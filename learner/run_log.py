@@ -23,7 +23,7 @@ from learner.advantages import zero_variance_groups
 from learner.learn import Learned
 from learner.trackers import TextSample, open_trackers
 from shared.config import LearnerConfig
-from shared.schemas import Prompt, RolloutResponse, SampleRecord, SampleScores
+from shared.schemas import Prompt, RolloutResponse, SampleRecord
 
 
 class RunLog:
@@ -63,8 +63,9 @@ class RunLog:
         metrics = {
             "step": step,
             "policy_version": version,
-            "reward_mean": rewards_P_G.mean().item(),
-            "reward_std": rewards_P_G.std(correction=0).item(),
+            # unscorable completions (NaN: no reward function applied) are left out, as in TRL
+            "reward_mean": rewards_P_G.nanmean().item(),
+            "reward_std": _nanstd(rewards_P_G),
             **reward_function_stats(learned.components_P_G),
             "zero_variance_groups": zero_variance_groups(rewards_P_G),
             "completion_len": sum(len(c.token_ids) for c in completions_N) / len(completions_N),
@@ -76,7 +77,7 @@ class RunLog:
         }
         # the samples file first: a reader that sees step N's row finds its samples
         results = [r.model_copy(update={"prompt": p}) for r, p in zip(rollout.results, prompts, strict=True)]
-        record = SampleRecord(**{**rollout.model_dump(), "results": results}, scores=_scores(step, learned))
+        record = SampleRecord(**{**rollout.model_dump(), "results": results}, scores=learned.sample_scores(step))
         self._write_samples(step, record)
         self._write_row(metrics)
         shown = [
@@ -160,23 +161,10 @@ def drop_steps_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _scores(step: int, learned: Learned) -> SampleScores | None:
-    """The step's scores as the server's sample log keeps them; None when a reward or advantage is
-    not finite (a skipped update), as JSON cannot hold it and ServerLink.post_scores posts none."""
-    finite = learned.rewards_P_G.isfinite().all() and learned.advantages_P_G.isfinite().all()
-    # a component is NaN where its function did not apply (None on the wire); an infinite one is a
-    # non-finite reward too
-    if not finite or any(v.isinf().any() for v in learned.components_P_G.values()):
-        return None
-    return SampleScores(
-        rewards=learned.rewards_P_G.tolist(),
-        advantages=learned.advantages_P_G.tolist(),
-        step=step,
-        components={
-            name: [[None if math.isnan(v) else v for v in row] for row in values_P_G.tolist()]
-            for name, values_P_G in learned.components_P_G.items()
-        },
-    )
+def _nanstd(values: Tensor) -> float:
+    """Population std of the non-NaN values (NaN when there are none)."""
+    kept = values[~values.isnan()]
+    return kept.std(correction=0).item() if kept.numel() else math.nan
 
 
 def _finite(value: Any) -> Any:

@@ -15,14 +15,12 @@ Sleeps carry a lease, so a learner that dies while the server sleeps does not st
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 from peft import PeftModel
-from torch import Tensor
 
 from learner.logprobs import Sequence, scored_logprobs
 from learner.rollout_client import RolloutClient
@@ -87,31 +85,16 @@ class ServerLink:
             self._reconnecting(self._client.wake_up)
             self._awake = True
 
-    def post_scores(
-        self,
-        rollout_id: str,
-        rewards_P_G: Tensor,
-        advantages_P_G: Tensor,
-        step: int,
-        components_P_G: dict[str, Tensor],
-    ) -> None:
-        """Attach a step's rewards and advantages, and each reward function's own rewards
-        (`components_P_G`, NaN where one did not apply: sent as None), to its rollout in the
-        server's sample log.
+    def post_scores(self, rollout_id: str, scores: SampleScores | None, step: int) -> None:
+        """Attach a step's scores (`Learned.sample_scores`) to its rollout in the server's sample log.
 
-        Diagnostics, not training: non-finite values (a step whose update is skipped) are not
-        sent, and a restarted server no longer has the rollout; either costs the log one record.
+        Diagnostics, not training: scores that JSON cannot hold (None: a step whose update is
+        skipped) are not sent, and a restarted server no longer has the rollout; either costs the
+        log one record.
         """
-        if not (rewards_P_G.isfinite().all() and advantages_P_G.isfinite().all()):
+        if scores is None:
             log.warning("step %d: non-finite rewards or advantages, not posted to the sample log", step)
             return
-        components = {
-            name: [[None if math.isnan(r) else r for r in row] for row in values_P_G.tolist()]
-            for name, values_P_G in components_P_G.items()
-        }
-        scores = SampleScores(
-            rewards=rewards_P_G.tolist(), advantages=advantages_P_G.tolist(), step=step, components=components
-        )
         try:
             self._client.post_scores(rollout_id, scores)
         except RolloutServerError as e:

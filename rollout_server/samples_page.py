@@ -221,7 +221,7 @@ function drawPlot(shown) {
   const byStep = new Map();
   for (const r of shown) {
     if (!r.scores || r.scores.step === null || r.scores.step === undefined) continue;
-    const rewards = r.scores.rewards.flat();
+    const rewards = r.scores.rewards.flat().filter((x) => x !== null);  // null: unscorable
     const [sum, count] = byStep.get(r.scores.step) || [0, 0];
     byStep.set(r.scores.step, [sum + rewards.reduce((a, b) => a + b, 0), count + rewards.length]);
   }

@@ -266,7 +266,8 @@ class SampleScores(_Wire):
         json_schema_extra={"examples": [{"rewards": [[1.0, 0.0]], "advantages": [[0.7071, -0.7071]], "step": 1}]}
     )
 
-    rewards: list[list[FiniteFloat]]
+    rewards: list[list[FiniteFloat | None]]
+    """None: no reward function applied to the completion (unscorable; its advantage is 0)."""
     advantages: list[list[FiniteFloat]]
     step: int | None = None
     components: dict[str, list[list[FiniteFloat | None]]] = Field(default_factory=dict)

@@ -127,3 +127,16 @@ def test_zero_variance_groups(values: list[list[float]], expected: int) -> None:
 
 def test_zero_variance_groups_empty_batch() -> None:
     assert zero_variance_groups(torch.zeros(0, 8)) == 0
+
+
+def test_unscorable_completions_are_left_out_of_their_group_and_get_zero_advantage() -> None:
+    nan = float("nan")
+    # Group 0: scored [1, 3], mean 2, population std 1, floor 1e-4 * 3 -> ±1 / 1.0003.
+    # Group 1: nothing scored -> zeros. Group 2: one scored -> its deviation is 0.
+    rewards_P_G = torch.tensor([[1.0, nan, 3.0], [nan, nan, nan], [nan, 5.0, nan]])
+    got = group_normalize(rewards_P_G, eps=1e-4, scale_by_std=True)
+    want = torch.tensor([[-1 / 1.0003, 0.0, 1 / 1.0003], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(got, want)
+    # Dr. GRPO (centre only): [nan, 2, 4] -> [0, -1, 1]
+    got = group_normalize(torch.tensor([[nan, 2.0, 4.0]]), eps=1e-4, scale_by_std=False)
+    torch.testing.assert_close(got, torch.tensor([[0.0, -1.0, 1.0]]))

@@ -13,7 +13,7 @@ import torch
 from learner import reward_funcs, scoring
 from learner.advantages import group_normalize
 from learner.cli import main, parse_config
-from learner.learn import learn_from
+from learner.learn import Learned, learn_from
 from learner.model import load_policy
 from learner.prompts import SupervisedRow, UnsupervisedRow
 from learner.rewards import weighted_reward_sum
@@ -65,7 +65,7 @@ NAN = math.nan
     [
         ([1.0, 4.0], [1.0, 0.5], 3.0),  # 1 * 1 + 0.5 * 4
         ([1.0, NAN], [1.0, 0.5], 1.0),  # the second does not apply: adds nothing (not NaN, not a 0 mean)
-        ([NAN, NAN], [1.0, 0.5], 0.0),  # none applies: TRL's nansum gives 0
+        ([NAN, NAN], [1.0, 0.5], NAN),  # none applies: unscorable, NaN as in TRL 1.16 (not nansum's 0)
         ([2.0, -2.0], [1.0, 1.0], 0.0),  # opposite votes cancel
         ([3.0, 5.0], [0.0, 1.0], 5.0),  # weight 0 silences a function
         ([1e30, 1.0], [1.0, 1.0], 1e30),  # huge magnitudes stay finite in float32
@@ -74,7 +74,7 @@ NAN = math.nan
 )
 def test_weighted_reward_sum_skips_what_does_not_apply(rewards_F: list, weights_F: list, want: float) -> None:
     got = weighted_reward_sum(torch.tensor([[rewards_F]]), torch.tensor(weights_F))
-    torch.testing.assert_close(got, torch.tensor([[want]]))
+    torch.testing.assert_close(got, torch.tensor([[want]]), equal_nan=True)
 
 
 def test_weighted_reward_sum_of_an_empty_batch_is_empty() -> None:
@@ -184,7 +184,7 @@ def test_async_functions_run_concurrently_and_mix_with_sync_ones() -> None:
     assert list(components_P_G) == ["meet_two", "length_or_none", "meet_three"]  # the configured order
 
 
-def test_none_adds_nothing_and_a_completion_nothing_applies_to_scores_0(caplog) -> None:
+def test_none_adds_nothing_and_a_completion_nothing_applies_to_is_unscorable(caplog) -> None:
     cfg = LearnerConfig(reward_funcs=[EXACT, f"{PROBES}:length_or_none"], reward_weights=[2.0, 0.5])
     rows = [UnsupervisedRow(text="2+3=", extra={"answer": "5"}), UnsupervisedRow(text="hi")]  # no answer: None
     with caplog.at_level(logging.WARNING, logger="learner"):
@@ -193,8 +193,8 @@ def test_none_adds_nothing_and_a_completion_nothing_applies_to_scores_0(caplog) 
     nan = torch.nan
     torch.testing.assert_close(components_P_G["exact_match"], torch.tensor([[1.0, 0.0], [nan, nan]]), equal_nan=True)
     torch.testing.assert_close(components_P_G["length_or_none"], torch.tensor([[1.0, 2.0], [nan, 2.0]]), equal_nan=True)
-    # 2 * 1 + 0.5 * 1 | 2 * 0 + 0.5 * 2 || nothing applies: 0 | 0.5 * 2
-    torch.testing.assert_close(rewards_P_G, torch.tensor([[2.5, 1.0], [0.0, 1.0]]), rtol=0, atol=0)
+    # 2 * 1 + 0.5 * 1 | 2 * 0 + 0.5 * 2 || nothing applies: NaN (unscorable) | 0.5 * 2
+    torch.testing.assert_close(rewards_P_G, torch.tensor([[2.5, 1.0], [nan, 1.0]]), rtol=0, atol=0, equal_nan=True)
     assert "step 4: no reward function applies to 1 completion(s)" in caplog.text
     assert "completion 0 of prompt 'hi'" in caplog.text
 
@@ -217,18 +217,22 @@ def test_a_failing_function_is_named_with_the_step(name: str, message: str) -> N
     assert str(e.value).startswith(f"reward function '{PROBES}:{name}' at step 7: ")
 
 
-def test_components_are_posted_with_none_where_a_function_did_not_apply() -> None:
+def test_scores_are_posted_with_none_where_a_function_or_every_function_did_not_apply() -> None:
     class Client:  # the one RolloutClient method post_scores calls
         def post_scores(self, rollout_id: str, scores: SampleScores) -> None:
             self.posted = (rollout_id, scores)
 
     client = Client()
     link = ServerLink(client, LearnerConfig(), canary=None)
-    components = {"exact_match": torch.tensor([[1.0, torch.nan]]), "length": torch.tensor([[2.0, 3.0]])}
-    link.post_scores("r1", torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, -1.0]]), 3, components)
+    nan = torch.nan
+    components = {"exact_match": torch.tensor([[1.0, nan, nan]]), "length": torch.tensor([[2.0, 3.0, nan]])}
+    rewards_P_G = torch.tensor([[3.0, 3.0, nan]])  # the third: unscorable
+    learned = Learned(rewards_P_G, torch.tensor([[0.0, 0.0, 0.0]]), None, score_s=0.0, components_P_G=components)
+    link.post_scores("r1", learned.sample_scores(3), 3)
     rollout_id, scores = client.posted
     assert rollout_id == "r1" and scores.step == 3
-    assert scores.components == {"exact_match": [[1.0, None]], "length": [[2.0, 3.0]]}
+    assert scores.rewards == [[3.0, 3.0, None]] and scores.advantages == [[0.0, 0.0, 0.0]]
+    assert scores.components == {"exact_match": [[1.0, None, None]], "length": [[2.0, 3.0, None]]}
 
 
 # --- with the policy: built-ins and Python functions together ----------------------------------------

@@ -158,7 +158,7 @@ def test_each_step_writes_its_rollout_and_scores_as_a_samples_record(cfg: Learne
 
 def test_a_skipped_update_records_its_completions_without_scores(cfg: LearnerConfig) -> None:
     log = RunLog(cfg)
-    log.step(2, 1, rollout([["stop", "stop"]]), learned([[NAN, 1.0]]), SECONDS, prompts=["p"])
+    log.step(2, 1, rollout([["stop", "stop"]]), learned([[math.inf, 1.0]]), SECONDS, prompts=["p"])
     log.close()
     record = SampleRecord.model_validate_json((cfg.output_dir / "samples" / "step_000002.jsonl").read_text())
     assert record.scores is None and record.results[0].completions[1].text == "c01"
