@@ -429,9 +429,10 @@ class RolloutService:
         return Path(self.cfg.model).resolve().name
 
     def adapter_of(self, model: str) -> str | None:
-        """The adapter an OpenAI-style `model` names: None for the base model (`base_model_id`), which
-        wins over an adapter of the same name; AdapterNotFoundError when it names neither."""
-        if model == self.base_model_id:
+        """The adapter an OpenAI-style `model` names: None for the base model (`base_model_id`, or
+        `--model` as the server was started with it), which wins over an adapter of the same name;
+        AdapterNotFoundError when it names neither."""
+        if model in (self.base_model_id, self.cfg.model):
             return None
         if model not in self._adapters:
             raise AdapterNotFoundError(

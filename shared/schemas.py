@@ -339,6 +339,13 @@ there, but a server bound needs a number)."""
 class _OpenAIRequest(_Wire):
     """The sampling fields both OpenAI-compatible requests take."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: object) -> object:
+        # OpenAI's API takes null for an optional field, meaning its default; the openai client
+        # sends null for an argument given as None.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     model: Text = Field(min_length=1, max_length=256)
     """The base model (its id in GET /v1/models: the model directory's name) or a loaded adapter's
     name; anything else answers 404."""
@@ -356,6 +363,8 @@ class _OpenAIRequest(_Wire):
     """A string, or up to 16, that end a completion (excluded from it)."""
     stream: bool = Field(False, strict=True)
     """Streaming is not served: true answers 400."""
+    user: Text | None = Field(None, max_length=256)
+    """OpenAI's end-user id, which clients send: accepted, not used."""
 
 
 class OpenAICompletionRequest(_OpenAIRequest):
@@ -382,12 +391,32 @@ class OpenAIChatRequest(_OpenAIRequest):
     )
 
     messages: list[ChatMessage] = Field(min_length=1)
+    """A message's content is a text, or OpenAI's list of text parts ([{"type": "text", "text":
+    ...}], joined in order); other parts (images, audio) are refused."""
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     """OpenAI's newer name for `max_tokens`; when given, it is the one used."""
     logprobs: bool = Field(False, strict=True)
     """True: each token's sampler logprob (at the sampling temperature) in `logprobs.content`."""
     top_logprobs: StrictInt | None = Field(None, ge=0, le=0)
     """Top alternatives per token are not served: only 0 (or none) is taken."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts_joined(cls, data: object) -> object:
+        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+            return data
+        return {**data, "messages": [_joined_text_parts(m) for m in data["messages"]]}
+
+
+def _joined_text_parts(message: object) -> object:
+    """A message whose content is a list of text parts, with them joined into one text; anything
+    else as it is (validation then says what is wrong with it)."""
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        return message
+    parts = message["content"]
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+        return message  # not only text parts: 422 (content must be a string)
+    return {**message, "content": "".join(p["text"] for p in parts)}
 
 
 class OpenAIUsage(_Wire):

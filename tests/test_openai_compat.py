@@ -257,3 +257,30 @@ def test_the_openai_client_parses_answers_and_errors(cfg: ServerConfig, engine: 
             openai.OpenAI(
                 base_url="http://testserver/v1", api_key="wrong", http_client=http, max_retries=0
             ).models.list()
+
+
+def test_null_fields_take_their_defaults_as_openais_api_does(client: TestClient, engine: FakeEngine) -> None:
+    # the openai client sends null for an argument given as None
+    complete(client, max_tokens=None, temperature=None, top_p=None, n=None, seed=None, stop=None, stream=None)
+    _, request = engine.requests[-1]
+    assert (request.n, request.max_tokens, request.temperature, request.top_p) == (1, 16, 1.0, 1.0)
+    body = chat(client, logprobs=None, top_logprobs=None, max_completion_tokens=None, user="someone")
+    assert body["choices"][0]["logprobs"] is None and engine.requests[-1][1].max_tokens == 3
+
+
+def test_chat_content_as_text_parts_is_joined_and_other_parts_are_refused(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
+    chat(client, messages=[{"role": "user", "content": parts}])
+    assert engine.requests[-1][0] == list(b"user:hi")
+    image = [{"type": "image_url", "image_url": {"url": "data:,"}}]
+    r = client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": image}]})
+    openai_error(r, 422, "content")
+
+
+def test_the_base_is_also_named_by_the_model_path_the_server_started_with(
+    client: TestClient, cfg: ServerConfig
+) -> None:
+    body = complete(client, model=cfg.model)
+    assert body["policy_version"] == 0 and body["choices"][0]["text"] == "v0-0"
