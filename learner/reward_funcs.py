@@ -127,7 +127,11 @@ def score(
     P, G = len(completions_P_G), len(completions_P_G[0])
     assert len(rows_P) == len(prompt_ids_P) == P, (len(rows_P), len(prompt_ids_P), P)
     python = [f for f in funcs if f.builtin is None]
-    from_python_N = _call_python(python, rows_P, completions_P_G, text_ids_P_G, decode, step) if python else {}
+    from_python_N = (
+        _call_python(python, rows_P, completions_P_G, text_ids_P_G, decode, step, answer_key=cfg.answer_key)
+        if python
+        else {}
+    )
     components_P_G: dict[str, Tensor] = {}
     for f in funcs:  # in the configured order
         if f.builtin is None:
@@ -162,17 +166,17 @@ def _call_python(
     text_ids_P_G: list[list[list[int]]],
     decode: Callable[[list[int]], str],
     step: int,
+    *,
+    answer_key: str | None = None,
 ) -> dict[str, Tensor]:
-    """rewards_N of each Python function by name, NaN where it returned None (TRL's arguments)."""
+    """rewards_N of each Python function by name, NaN where it returned None (TRL's arguments).
+    A supervised row's answer is the column `answer`, and also the data's own column name when
+    `answer_key` renamed it (a TRL function takes the dataset's columns by their names)."""
     G = len(completions_P_G[0])
     prompts_P = [row.prompt if isinstance(row.prompt, str) else [m.model_dump() for m in row.prompt] for row in rows_P]
     texts_P_G = [[decode(t) for t in group] for group in text_ids_P_G]
     columns_P = [
-        {
-            k: v
-            for k, v in {**row.model_dump(exclude={"text", "prompt", "extra"}), **row.extra}.items()
-            if k not in ARGUMENTS
-        }
+        {k: v for k, v in {**_answer_columns(row, answer_key), **row.extra}.items() if k not in ARGUMENTS}
         for row in rows_P
     ]
     names = sorted({k for columns in columns_P for k in columns})
@@ -188,6 +192,13 @@ def _call_python(
     }
     results = _call_each(funcs, kwargs)
     return {f.name: _checked(f, result, len(kwargs["prompts"]), step) for f, result in zip(funcs, results, strict=True)}
+
+
+def _answer_columns(row: Row, answer_key: str | None) -> dict[str, Any]:
+    columns = row.model_dump(exclude={"text", "prompt", "extra"})
+    if answer_key and "answer" in columns:
+        columns[answer_key] = columns["answer"]
+    return columns
 
 
 def _call_each(funcs: list[RewardFunc], kwargs: dict[str, Any]) -> list[Any]:

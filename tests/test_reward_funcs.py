@@ -174,6 +174,14 @@ def test_a_trl_reward_function_gets_trls_arguments_and_runs_unchanged() -> None:
     assert seen["level"] == [1] * 3 + [None] * 3  # a column a row lacks is None there
 
 
+def test_a_renamed_answer_column_also_reaches_functions_under_its_own_name() -> None:
+    # --answer-key solution: TRL's accuracy_reward(completions, solution, **kwargs) takes `solution`
+    cfg = LearnerConfig(mode="supervised", answer_key="solution", reward_funcs=[f"{PROBES}:record"])
+    python_rewards(cfg, [SupervisedRow(prompt="2+3=", answer="5")], [["5", "6"]])
+    seen = reward_funcs.load(cfg)[0].fn.seen
+    assert seen["solution"] == ["5", "5"] and seen["answer"] == ["5", "5"]
+
+
 def test_async_functions_run_concurrently_and_mix_with_sync_ones() -> None:
     # meet_two and meet_three each wait until both have started: awaited one after the other,
     # the first would wait alone and raise.
