@@ -7,6 +7,7 @@ it only ever reads the local file it is given.
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
 import tempfile
@@ -108,8 +109,8 @@ def _row(
         if "text" not in present and "prompt" not in present:
             raise error("text", f"Field required ({mode} mode reads {reads})")
         columns = {"prompt": "prompt"} if "prompt" in present else {"text": "text"}
-    fields = {name: present[column] for name, column in columns.items() if column in present}
-    extra = {k: v for k, v in record.items() if k not in columns.values()}
+    fields = {name: _messages_without_nulls(present[column]) for name, column in columns.items() if column in present}
+    extra = {k: _json_value(v) for k, v in record.items() if k not in columns.values()}
     try:
         return row_type.model_validate({**fields, "extra": extra})
     except ValidationError as e:
@@ -120,6 +121,26 @@ def _row(
         column = ".".join(map(str, [fields_columns[name], *rest] if name in fields_columns else rest))
         hint = f" ({mode} mode reads {reads})" if problem["type"] == "missing" and not rest else ""
         raise error(column, problem["msg"] + hint) from e
+
+
+def _messages_without_nulls(value: Any) -> Any:
+    """A list of chat messages without their null keys: Arrow gives every message of a column the
+    keys any of them has (a 'name' in one message is null in all others)."""
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        return [{k: v for k, v in m.items() if v is not None} for m in value]
+    return value
+
+
+def _json_value(value: Any) -> Any:
+    """A column's value as JSON can hold it: dates and times (Parquet timestamps come as datetime)
+    as ISO 8601 texts, inside lists and mappings too; anything else as it is."""
+    if isinstance(value, datetime.date | datetime.time):  # datetime.datetime is a date
+        return value.isoformat()
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    return value
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -100,6 +100,22 @@ def test_prompt_and_answer_keys_rename_the_columns(tmp_path: Path) -> None:
         load_rows(path, "supervised", prompt_key="question")  # no "answer" column
 
 
+def test_chat_messages_with_a_column_only_some_have_and_timestamps_load(tmp_path: Path) -> None:
+    # Exported chats carry null keys (OpenAI's "tool_calls": null), and Arrow gives every message of
+    # a column the keys any message has; a Parquet timestamp column reads back as datetime.
+    when = datetime.datetime(2026, 12, 2, 5, 30)
+    records = [
+        {
+            "prompt": [{"role": "system", "content": "Add.", "tool_calls": None}, {"role": "user", "content": "1+1="}],
+            "at": when,
+        },
+        {"prompt": [{"role": "user", "content": "2+2="}], "at": when},
+    ]
+    first, second = load_rows(write(records, tmp_path / "chat.parquet"), "unsupervised")
+    assert [m.content for m in first.prompt] == ["Add.", "1+1="] and second.prompt[0].content == "2+2="
+    assert first.extra == {"at": "2026-12-02T05:30:00"}
+
+
 def test_other_columns_keep_their_json_values_and_nulls(tmp_path: Path) -> None:
     # A columnar file has every column in every row: a column of some rows is null in the others.
     records = [
@@ -130,7 +146,7 @@ def test_other_columns_keep_their_json_values_and_nulls(tmp_path: Path) -> None:
         ("unsupervised", [{"text": "a"}, {"text": "b"}, {"title": "c"}], 3, "text", "reads ['text'] or ['prompt']"),
         ("unsupervised", [{"text": "a", "prompt": "b"}], 1, "prompt", "not both"),
         ("unsupervised", [{"prompt": [{"role": "", "content": "x"}]}], 1, "prompt.messages.0.role", "at least 1"),
-        ("unsupervised", [{"text": "a", "when": datetime.datetime(2024, 1, 1)}], 1, "when", "JSON"),
+        ("unsupervised", [{"text": "a", "blob": b"\x00\x01"}], 1, "blob", "JSON"),  # bytes (dates become ISO texts)
     ],
 )
 def test_bad_parquet_rows_name_file_row_and_field(tmp_path: Path, mode, records, row, field, needle) -> None:
