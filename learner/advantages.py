@@ -57,6 +57,9 @@ def group_normalize(rewards_P_G: Tensor, *, eps: float, scale_by_std: bool) -> T
 def zero_variance_groups(rewards_P_G: Tensor) -> int:
     """Count the groups whose rewards are all exactly equal (they carry no learning signal).
 
+    Unscorable completions (NaN) are left out, as `group_normalize` leaves them out: a group with
+    at most one scored reward counts too.
+
     Args:
         rewards_P_G: Rewards, one row per prompt.
 
@@ -64,4 +67,6 @@ def zero_variance_groups(rewards_P_G: Tensor) -> int:
         The number of such rows.
     """
     assert rewards_P_G.dim() == 2, f"rewards must be [P, G], got {tuple(rewards_P_G.shape)}"
-    return int((rewards_P_G == rewards_P_G[:, :1]).all(dim=1).sum())
+    scored_P_G = ~rewards_P_G.isnan()
+    first_P_1 = rewards_P_G.gather(1, scored_P_G.int().argmax(dim=1, keepdim=True))
+    return int(((rewards_P_G == first_P_1) | ~scored_P_G).all(dim=1).sum())

@@ -140,3 +140,10 @@ def test_unscorable_completions_are_left_out_of_their_group_and_get_zero_advanta
     # Dr. GRPO (centre only): [nan, 2, 4] -> [0, -1, 1]
     got = group_normalize(torch.tensor([[nan, 2.0, 4.0]]), eps=1e-4, scale_by_std=False)
     torch.testing.assert_close(got, torch.tensor([[0.0, -1.0, 1.0]]))
+
+
+def test_zero_variance_groups_leave_unscorable_completions_out() -> None:
+    nan = float("nan")
+    # all unscorable | one scored | two different | equal with an unscorable | equal
+    rewards_P_G = torch.tensor([[nan, nan], [1.0, nan], [1.0, 2.0], [nan, 3.0], [4.0, 4.0]])
+    assert zero_variance_groups(rewards_P_G) == 4
