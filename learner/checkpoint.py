@@ -30,7 +30,7 @@ from peft import PeftModel
 
 from learner.model import ADAPTER_WEIGHTS, load_adapter_weights, next_version, save_adapter
 from learner.prompts import PromptSampler
-from learner.run_log import drop_steps_after
+from learner.run_log import drop_samples_after, drop_steps_after
 from shared.config import LearnerConfig
 from shared.errors import ConfigError
 
@@ -165,9 +165,10 @@ def restore(
 
 
 def _roll_back(output_dir: Path, state: TrainState) -> None:
-    """Undo what a run did after `state`: its metrics rows, adapter versions and checkpoints, and
-    the temp dirs of the writes and deletes its death interrupted."""
+    """Undo what a run did after `state`: its metrics rows, samples files, adapter versions and
+    checkpoints, and the temp dirs of the writes and deletes its death interrupted."""
     drop_steps_after(output_dir / "metrics.jsonl", state.step)
+    drop_samples_after(output_dir / "samples", state.step)
     for root in (output_dir / "adapters", output_dir / "checkpoints"):
         for leftover in root.iterdir() if root.is_dir() else []:
             if _TEMP.match(leftover.name):

@@ -146,6 +146,15 @@ def reward_function_stats(components_P_G: dict[str, Tensor]) -> dict[str, float]
     return stats
 
 
+def drop_samples_after(samples_dir: Path, step: int) -> None:
+    """Remove the samples files (`step_NNNNNN.jsonl`, and a write's leftover temp file) of the steps
+    after `step`: a resumed run redoes them, and may stop before it reaches them again."""
+    for path in samples_dir.glob("*step_*.jsonl*") if samples_dir.is_dir() else []:
+        digits = path.name.split("step_", 1)[1][:6]
+        if digits.isdigit() and int(digits) > step:
+            path.unlink()
+
+
 def drop_steps_after(path: Path, step: int) -> None:
     """Rewrite metrics.jsonl `path` (if any) without its rows of steps after `step`, atomically: a
     run resumed from step `step`'s checkpoint redoes those steps and logs them again."""

@@ -81,6 +81,9 @@ def test_resuming_rolls_the_output_dir_back_to_the_checkpoint(tiny_model_dir: Pa
     metrics = tmp_path / "metrics.jsonl"
     # steps 1-4, then half a row: the kill came mid-write
     metrics.write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "x"')
+    (tmp_path / "samples").mkdir()
+    for step in (1, 2, 3, 4):
+        (tmp_path / "samples" / f"step_{step:06d}.jsonl").write_text("{}\n")
     newer = tmp_path / "checkpoints" / "step-000003"
     newer.mkdir()
     (newer / checkpoint.STATE_FILE).write_text("{}")
@@ -99,6 +102,7 @@ def test_resuming_rolls_the_output_dir_back_to_the_checkpoint(tiny_model_dir: Pa
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["v000001", "v000002"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_000001.jsonl", "step_000002.jsonl"]
 
 
 def test_a_checkpoint_from_another_output_dir_brings_its_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
