@@ -35,7 +35,7 @@ class RunLog:
         self.path = cfg.output_dir / "metrics.jsonl"
         self.samples_dir = cfg.output_dir / "samples"
         self.samples_dir.mkdir(exist_ok=True)
-        self._trackers = open_trackers(cfg.report_to, cfg.output_dir)
+        self._trackers = open_trackers(cfg.report_to, cfg.output_dir, done=done)
         self._file = self.path.open("a", buffering=1)  # line-buffered: a crash loses no finished step
         self._bar = tqdm(total=cfg.steps, initial=done, desc="grpo", unit="step", dynamic_ncols=True)
         self._sample_every = cfg.sample_every

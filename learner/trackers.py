@@ -41,11 +41,12 @@ class Tracker(Protocol):
         ...
 
 
-def open_trackers(report_to: list[str], output_dir: Path) -> list[Tracker]:
-    """The trackers `report_to` names, writing under `output_dir`."""
+def open_trackers(report_to: list[str], output_dir: Path, *, done: int = 0) -> list[Tracker]:
+    """The trackers `report_to` names, writing under `output_dir`; `done`: the step a resumed run
+    restarts after (what an earlier run logged past it is dropped, as from metrics.jsonl)."""
     trackers: list[Tracker] = []
     if "tensorboard" in report_to:
-        trackers.append(TensorBoardTracker(output_dir / "tensorboard"))
+        trackers.append(TensorBoardTracker(output_dir / "tensorboard", done=done))
     return trackers
 
 
@@ -60,8 +61,10 @@ class TensorBoardTracker:
     """Event files under `log_dir` (`tensorboard --logdir <output_dir>/tensorboard`): a scalar per
     metric, and each step's samples as one markdown table under the tag "samples"."""
 
-    def __init__(self, log_dir: Path) -> None:
-        self._writer = _summary_writer()(log_dir=str(log_dir))
+    def __init__(self, log_dir: Path, *, done: int = 0) -> None:
+        # purge_step: TensorBoard hides the events an earlier run wrote at steps > done, which a
+        # resumed run redoes (else its curves would zig-zag back over them)
+        self._writer = _summary_writer()(log_dir=str(log_dir), purge_step=done + 1 if done else None)
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
         """One scalar per name; flushed, so a running TensorBoard shows the step now, not in 2 minutes."""

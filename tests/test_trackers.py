@@ -62,6 +62,20 @@ def test_a_run_log_with_tensorboard_writes_scalars_and_samples_tensorboard_reads
     assert table.splitlines()[2:] == ['| "12+7=" | "c00" | 1.0000 |']
 
 
+def test_a_resumed_run_replaces_what_the_killed_run_logged_after_its_checkpoint(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    cfg = LearnerConfig(output_dir=tmp_path, steps=4, sample_every=0, report_to=["tensorboard"])
+    killed = RunLog(cfg)
+    for step in (1, 2, 3, 4):
+        killed.step(step, step, rollout([["stop"]]), learned([[float(step)]]), SECONDS, prompts=["p"])
+    killed.close()
+    resumed = RunLog(cfg, done=2)  # from step 2's checkpoint: steps 3 and 4 are redone
+    resumed.step(3, 3, rollout([["stop"]]), learned([[30.0]]), SECONDS, prompts=["p"])
+    resumed.close()
+    events = event_accumulator(tmp_path / "tensorboard")
+    assert [(e.step, e.value) for e in events.Scalars("reward_mean")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
 def test_a_sample_table_cell_cannot_end_its_row(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     cfg = LearnerConfig(output_dir=tmp_path, steps=1, sample_every=0, report_to=["tensorboard"])
