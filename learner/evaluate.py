@@ -19,7 +19,7 @@ from torch import Tensor
 from learner import reward_funcs
 from learner.prompts import PromptEncoder, Row
 from learner.reward_funcs import RewardFunc
-from learner.run_log import RunLog
+from learner.run_log import RunLog, nanstd
 from learner.server_link import ServerLink
 from shared.config import LearnerConfig
 from shared.schemas import RolloutRequest
@@ -125,7 +125,7 @@ def eval_metrics(
     RunLog.eval writes them as `eval/<name>`."""
     metrics = {
         "reward_mean": rewards_N.nanmean().item(),  # unscorable completions (NaN) left out
-        "reward_std": rewards_N[~rewards_N.isnan()].std(correction=0).item(),
+        "reward_std": nanstd(rewards_N),
         "completions": float(rewards_N.numel()),
         "completion_len": sum(lengths_N) / len(lengths_N),
         "clipped_ratio": sum(clipped_N) / len(clipped_N),

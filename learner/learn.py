@@ -47,8 +47,8 @@ class Learned:
 
     def sample_scores(self, step: int) -> SampleScores | None:
         """The scores as the server's sample log and the samples files keep them: NaN (did not
-        apply, unscorable) as None. None when a value is infinite or an advantage is NaN (a
-        skipped update's), which JSON cannot hold."""
+        apply, unscorable) as None. None when a reward is infinite or an advantage is not finite
+        (a reward function or the model blew up), which JSON cannot hold."""
         values = [self.rewards_P_G, *self.components_P_G.values()]
         if any(v.isinf().any() for v in values) or not self.advantages_P_G.isfinite().all():
             return None

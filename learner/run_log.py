@@ -65,7 +65,7 @@ class RunLog:
             "policy_version": version,
             # unscorable completions (NaN: no reward function applied) are left out, as in TRL
             "reward_mean": rewards_P_G.nanmean().item(),
-            "reward_std": _nanstd(rewards_P_G),
+            "reward_std": nanstd(rewards_P_G),
             **reward_function_stats(learned.components_P_G),
             "zero_variance_groups": zero_variance_groups(rewards_P_G),
             "completion_len": sum(len(c.token_ids) for c in completions_N) / len(completions_N),
@@ -170,7 +170,7 @@ def drop_steps_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _nanstd(values: Tensor) -> float:
+def nanstd(values: Tensor) -> float:
     """Population std of the non-NaN values (NaN when there are none)."""
     kept = values[~values.isnan()]
     return kept.std(correction=0).item() if kept.numel() else math.nan

@@ -88,9 +88,9 @@ class ServerLink:
     def post_scores(self, rollout_id: str, scores: SampleScores | None, step: int) -> None:
         """Attach a step's scores (`Learned.sample_scores`) to its rollout in the server's sample log.
 
-        Diagnostics, not training: scores that JSON cannot hold (None: a step whose update is
-        skipped) are not sent, and a restarted server no longer has the rollout; either costs the
-        log one record.
+        Diagnostics, not training: scores JSON cannot hold (None: an infinite reward or a
+        non-finite advantage) are not sent, and a restarted server no longer has the rollout;
+        either costs the log one record.
         """
         if scores is None:
             log.warning("step %d: non-finite rewards or advantages, not posted to the sample log", step)

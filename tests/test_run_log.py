@@ -156,7 +156,7 @@ def test_each_step_writes_its_rollout_and_scores_as_a_samples_record(cfg: Learne
     assert record.scores.components == {"format": [[1.0, None], [0.0, 1.0]]}  # NaN: did not apply
 
 
-def test_a_skipped_update_records_its_completions_without_scores(cfg: LearnerConfig) -> None:
+def test_scores_json_cannot_hold_leave_the_record_without_scores(cfg: LearnerConfig) -> None:
     log = RunLog(cfg)
     log.step(2, 1, rollout([["stop", "stop"]]), learned([[math.inf, 1.0]]), SECONDS, prompts=["p"])
     log.close()
