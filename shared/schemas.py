@@ -342,26 +342,27 @@ class _OpenAIRequest(_Wire):
     @model_validator(mode="before")
     @classmethod
     def _null_is_the_default(cls, data: object) -> object:
-        # OpenAI's API takes null for an optional field, meaning its default; the openai client
-        # sends null for an argument given as None.
+        # OpenAI's API takes null for an optional field, meaning its default (the openai client
+        # sends null for an argument given as None): the fields below declare null, and none of
+        # them ever holds it.
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     model: Text = Field(min_length=1, max_length=256)
     """The base model (its id in GET /v1/models: the model directory's name) or a loaded adapter's
     name; anything else answers 404."""
-    max_tokens: StrictInt = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=1)
+    max_tokens: StrictInt | None = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=1)
     """Longest completion, in tokens (at most the server's max_tokens)."""
-    temperature: OpenAIFloat = Field(1.0, ge=0, le=2)
+    temperature: OpenAIFloat | None = Field(1.0, ge=0, le=2)
     """Sampling temperature; 0 is greedy (then n must be 1), else at least MIN_TEMPERATURE (0.01)."""
-    top_p: OpenAIFloat = Field(1.0, gt=0, le=1)
+    top_p: OpenAIFloat | None = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass."""
-    n: StrictInt = Field(1, ge=1)
+    n: StrictInt | None = Field(1, ge=1)
     """Completions per prompt."""
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     """Seeds the sampling as RolloutRequest.seed does; None: fresh randomness."""
     stop: OpenAIStop | Annotated[list[OpenAIStop], Field(max_length=MAX_STOP_STRINGS)] | None = None
     """A string, or up to 16, that end a completion (excluded from it)."""
-    stream: bool = Field(False, strict=True)
+    stream: bool | None = Field(False, strict=True)
     """Streaming is not served: true answers 400."""
     user: Text | None = Field(None, max_length=256)
     """OpenAI's end-user id, which clients send: accepted, not used."""
@@ -395,7 +396,7 @@ class OpenAIChatRequest(_OpenAIRequest):
     ...}], joined in order); other parts (images, audio) are refused."""
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     """OpenAI's newer name for `max_tokens`; when given, it is the one used."""
-    logprobs: bool = Field(False, strict=True)
+    logprobs: bool | None = Field(False, strict=True)
     """True: each token's sampler logprob (at the sampling temperature) in `logprobs.content`."""
     top_logprobs: StrictInt | None = Field(None, ge=0, le=0)
     """Top alternatives per token are not served: only 0 (or none) is taken."""
