@@ -19,7 +19,7 @@ from torch import Tensor
 from learner import reward_funcs
 from learner.prompts import PromptEncoder, Row
 from learner.reward_funcs import RewardFunc
-from learner.run_log import RunLog, nanstd
+from learner.run_log import RunLog, nan_mean_std
 from learner.server_link import ServerLink
 from shared.config import LearnerConfig
 from shared.schemas import RolloutRequest
@@ -123,15 +123,16 @@ def eval_metrics(
 ) -> dict[str, float]:
     """The evaluation's figures, means over every held-out completion (NaN-aware per function);
     RunLog.eval writes them as `eval/<name>`."""
+    reward_mean, reward_std = nan_mean_std(rewards_N)  # unscorable completions (NaN) left out
     metrics = {
-        "reward_mean": rewards_N.nanmean().item(),  # unscorable completions (NaN) left out
-        "reward_std": nanstd(rewards_N),
+        "reward_mean": reward_mean,
+        "reward_std": reward_std,
         "completions": float(rewards_N.numel()),
         "completion_len": sum(lengths_N) / len(lengths_N),
         "clipped_ratio": sum(clipped_N) / len(clipped_N),
     }
     for name, values_N in components_N.items():
-        metrics[f"rewards/{name}/mean"] = values_N.nanmean().item()
+        metrics[f"rewards/{name}/mean"] = nan_mean_std(values_N)[0]
     if exact_N:
         metrics["exact_match"] = torch.cat(exact_N).mean().item()
     return metrics

@@ -60,12 +60,13 @@ class RunLog:
         rewards_P_G = learned.rewards_P_G
         completions_N = [c for group in completions_P_G for c in group]
         assert rewards_P_G.shape == (len(completions_P_G), len(completions_P_G[0])), rewards_P_G.shape
+        reward_mean, reward_std = nan_mean_std(rewards_P_G)
         metrics = {
             "step": step,
             "policy_version": version,
             # unscorable completions (NaN: no reward function applied) are left out, as in TRL
-            "reward_mean": rewards_P_G.nanmean().item(),
-            "reward_std": nanstd(rewards_P_G),
+            "reward_mean": reward_mean,
+            "reward_std": reward_std,
             **reward_function_stats(learned.components_P_G),
             "zero_variance_groups": zero_variance_groups(rewards_P_G),
             "completion_len": sum(len(c.token_ids) for c in completions_N) / len(completions_N),
@@ -139,10 +140,7 @@ def reward_function_stats(components_P_G: dict[str, Tensor]) -> dict[str, float]
     completions it applied to (its non-NaN values); NaN for one that applied to none."""
     stats = {}
     for name, values_P_G in components_P_G.items():
-        applied = values_P_G[~values_P_G.isnan()]
-        empty = applied.numel() == 0  # torch's mean/std of nothing warn as well as answer NaN
-        stats[f"rewards/{name}/mean"] = math.nan if empty else applied.mean().item()
-        stats[f"rewards/{name}/std"] = math.nan if empty else applied.std(correction=0).item()
+        stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = nan_mean_std(values_P_G)
     return stats
 
 
@@ -170,10 +168,11 @@ def drop_steps_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def nanstd(values: Tensor) -> float:
-    """Population std of the non-NaN values (NaN when there are none)."""
+def nan_mean_std(values: Tensor) -> tuple[float, float]:
+    """Mean and population std of the non-NaN values (NaN, NaN when there are none: torch's mean
+    and std of nothing warn as well as answer NaN)."""
     kept = values[~values.isnan()]
-    return kept.std(correction=0).item() if kept.numel() else math.nan
+    return (kept.mean().item(), kept.std(correction=0).item()) if kept.numel() else (math.nan, math.nan)
 
 
 def _finite(value: Any) -> Any:
