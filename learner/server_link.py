@@ -76,8 +76,7 @@ class ServerLink:
         """Let the learner have the GPU; the server wakes by itself after `sleep_lease_s` unless
         the learner wakes it first."""
         if self._cfg.sleep_server:
-            self._awake = False  # before the call: interrupted mid-call, the server may already sleep
-            self._reconnecting(lambda: self._client.sleep(level=1, lease_s=self._cfg.sleep_lease_s))
+            self._reconnecting(self._sleep_once)
 
     def wake(self) -> None:
         """Have the server take the GPU back (no call if the learner never put it to sleep)."""
@@ -141,6 +140,12 @@ class ServerLink:
                     "sample from the learner's policy (another base model or dtype?)"
                 )
             log.info("the server serves version %d again (canary gap %.2e nats per token)", self.version, gap)
+
+    def _sleep_once(self) -> None:
+        # Before each try: interrupted mid-call, the server may already sleep; and a try after a
+        # recovery (which wakes the server) must not leave the link believing it awake.
+        self._awake = False
+        self._client.sleep(level=1, lease_s=self._cfg.sleep_lease_s)
 
     def _load_published(self) -> None:
         adapter_dir, version = self._published
