@@ -37,8 +37,9 @@ the C++ compilers torch runs when vLLM compiles the model); "all", every process
 A second table, on the tiny model against a rollout server started here with the learner's local
 server's settings: the server's overhead over vLLM's AsyncLLM called directly with the same
 requests (4 prompts x 8 x 32 tokens from the base, the same seeds; bench/direct_rollouts.py takes
-the two in turn; the target is < 5%), and the hot-swap as the learner publishes (save the adapter,
-POST /v1/load_lora_adapter, check /v1/models serves it).
+them in pairs, in alternating order; the overhead is the median of the pairs' ratios, split into
+the server's own rollout time and HTTP + JSON; the target is < 5%), and the hot-swap as the
+learner publishes (save the adapter, POST /v1/load_lora_adapter, check /v1/models serves it).
 
 Everything goes under --work-dir (default runs/bench-compare): the models (reused by later runs),
 each run's output directory and log, and results.json with every figure.
@@ -277,7 +278,7 @@ def process_list(peaks: PeakRss) -> list[tuple[str, int]]:
 # --- the serving figures ----------------------------------------------------------------------------
 
 
-def serving_figures(model_dir: Path, out: Path, w: Workload, repeats: int) -> dict:
+def serving_figures(model_dir: Path, out: Path, w: Workload, repeats: int, pairs: int) -> dict:
     """On a server set up as the learner's local one: rollouts from the base over HTTP and directly
     (bench/direct_rollouts.py, while the server runs), then hot-swaps as the learner publishes."""
     from learner.local_server import local_rollout_server, lora_rank_slot, server_flags
@@ -302,7 +303,7 @@ def serving_figures(model_dir: Path, out: Path, w: Workload, repeats: int) -> di
         # Before any adapter: a server serving a merged adapter refuses rollouts of the base.
         request = {"url": url, "server": settings, "model": str(model_dir), "prompt_token_ids": prompt_ids}
         request |= {"n": w.n, "max_tokens": w.max_tokens, "temperature": w.temperature, "seed": w.seed}
-        (out / "rollouts_request.json").write_text(json.dumps(request | {"repeats": repeats}))
+        (out / "rollouts_request.json").write_text(json.dumps(request | {"repeats": pairs}))
         cmd = [
             sys.executable,
             "bench/direct_rollouts.py",
@@ -359,18 +360,26 @@ def memory_text(group: ProcessGroup) -> str:
 def serving_table(figures: dict, w: Workload, repeats: int) -> str:
     swaps, rollouts = figures["swap"], figures["rollouts"]
     swap_parts = ", ".join(f"{k} {statistics.median(s[k] for s in swaps):.3f}" for k in swaps[0])
-    http_s, direct_s = (statistics.median(rollouts[way]["seconds"]) for way in ("http", "direct"))
-    same = "yes" if rollouts["http"]["token_ids"] == rollouts["direct"]["token_ids"] else "no"
+    http, direct = rollouts["http"], rollouts["direct"]
+    pairs = list(zip(http["seconds"], http["server_seconds"], direct["seconds"], strict=True))
+    overhead = statistics.median(h / d - 1 for h, _, d in pairs)
+    in_server_ms = statistics.median(s - d for _, s, d in pairs) * 1000
+    wire_ms = statistics.median(h - s for h, s, _ in pairs) * 1000
+    same = "yes" if http["token_ids"] == direct["token_ids"] else "no"
     batch = f"{w.prompts_per_step} prompts x {w.n} x {w.max_tokens} tokens from the base"
     return "\n".join(
         [
-            f"| tiny model, medians of {repeats} | s | |",
+            f"| tiny model (hot-swaps: medians of {repeats}; rollouts: {len(pairs)} pairs in turn) | s | |",
             "|---|---|---|",
             f"| hot-swap ({figures['adapter_serving']} serving, as the learner's local server): save + load + verify "
             f"| {statistics.median(sum(s.values()) for s in swaps):.3f} | {swap_parts} |",
-            f"| rollout {batch}, HTTP (RolloutClient) | {http_s:.3f} | |",
-            f"| the same through AsyncLLM directly, in turn with HTTP | {direct_s:.3f} "
-            f"| HTTP overhead {(http_s / direct_s - 1) * 100:+.1f}% (target < 5%); same completions: {same} |",
+            f"| rollout {batch}, HTTP (RolloutClient) | {statistics.median(http['seconds']):.3f} "
+            f"| of which in the server's rollout {statistics.median(http['server_seconds']):.3f} |",
+            f"| the same through AsyncLLM directly | {statistics.median(direct['seconds']):.3f} "
+            f"| same completions: {same} |",
+            f"| server overhead over AsyncLLM, median of the pairs' ratios | {overhead * 100:+.1f}% "
+            f"| target < 5%; medians per pair: HTTP + JSON {wire_ms:.1f} ms, in the server's rollout "
+            f"{in_server_ms:+.1f} ms |",
         ]
     )
 
@@ -384,7 +393,10 @@ def main() -> None:
     parser.add_argument(
         "--sizes", nargs="*", choices=("tiny", "25m"), default=["tiny", "25m"], help="models (none: serving only)"
     )
-    parser.add_argument("--serving-repeats", type=int, default=10, help="hot-swaps and timed rollouts each")
+    parser.add_argument("--serving-repeats", type=int, default=10, help="timed hot-swaps")
+    parser.add_argument(
+        "--rollout-pairs", type=int, default=40, help="rollouts timed over HTTP and through AsyncLLM, in turn"
+    )
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs/bench-compare", help="models, runs, results")
     parser.add_argument(
         "--trl-python", type=Path, default=REPO / "bench/.venv-trl/bin/python", help="python of the TRL virtualenv"
@@ -436,7 +448,7 @@ def main() -> None:
     shutil.rmtree(serving_dir, ignore_errors=True)
     serving_dir.mkdir(parents=True)
     print("\n[bench-compare] serving: rollouts over HTTP and through AsyncLLM directly, hot-swaps", flush=True)
-    results["serving"] = serving_figures(builders["tiny"](), serving_dir, w, args.serving_repeats)
+    results["serving"] = serving_figures(builders["tiny"](), serving_dir, w, args.serving_repeats, args.rollout_pairs)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print()
     print(serving_table(results["serving"], w, args.serving_repeats))

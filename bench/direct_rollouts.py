@@ -10,11 +10,18 @@ engine here is built as rollout_server.engine.VllmEngine builds it from those se
 processes spin idle as long as the server's do (rollout_server/idle_spin.py). Each prompt i is sent
 as the server sends it: one request of n completions seeded seed + i * n, the sampled token's
 logprob at every position, the final output only, all prompts at once; on the event loop the
-server runs on. From the base model: one warm-up batch each way, then `repeats` pairs (HTTP, then
-direct).
+server runs on. From the base model: one warm-up batch each way, then `repeats` pairs, HTTP first
+in even pairs and direct first in odd ones (whichever goes second meets a machine the first has
+just warmed). A batch on 2 cores varies by +-50% from one to the next, so the overhead is read
+from each pair's ratio, not from the two ways' separate medians.
 
-RESULT.json: {"http" | "direct": {"seconds": [...], "token_ids": the last batch's completions, per
-prompt}}.
+Each HTTP rollout also reads the server's own time for it (its `rollout_latency_seconds`, from
+request validated to response built), which splits the overhead into the server's rollout
+(engine wrapper and bookkeeping) and HTTP + JSON at both ends.
+
+RESULT.json: {"http": {"seconds": [...], "server_seconds": [...], "token_ids": the last batch's
+completions, per prompt}, "direct": {"seconds": [...], "token_ids": ...}}; seconds[i] of both ways
+form pair i.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
 
+import httpx
 import uvloop
 
 from learner.rollout_client import RolloutClient
@@ -64,6 +73,12 @@ async def direct_rollout(llm, request: dict) -> tuple[float, list[list[list[int]
     return time.perf_counter() - start, token_ids
 
 
+def server_rollout_seconds(url: str) -> float:
+    """The server's total time in rollouts so far (its latency histogram's sum)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return float(re.search(r"^rollout_latency_seconds_sum (\S+)$", text, re.MULTILINE).group(1))
+
+
 def http_rollout(client: RolloutClient, request: dict) -> tuple[float, list[list[list[int]]]]:
     """Seconds for the same batch through the server, and its token ids."""
     body = RolloutRequest(
@@ -94,15 +109,22 @@ async def measure(request: dict) -> dict:
         # The learner's client blocks; nothing else runs on this loop meanwhile.
         http_rollout(client, request)  # warm-up
         await direct_rollout(llm, request)
-        pairs = []
-        for _ in range(request["repeats"]):
-            await asyncio.sleep(settle_s)
-            http = http_rollout(client, request)
-            await asyncio.sleep(settle_s)
-            pairs.append((http, await direct_rollout(llm, request)))
+        http_s, server_s, direct_s = [], [], []
+        for i in range(request["repeats"]):
+            ways = ["http", "direct"] if i % 2 == 0 else ["direct", "http"]
+            for way in ways:
+                await asyncio.sleep(settle_s)
+                if way == "http":
+                    before = server_rollout_seconds(request["url"])
+                    seconds, http_ids = http_rollout(client, request)
+                    server_s.append(server_rollout_seconds(request["url"]) - before)
+                    http_s.append(seconds)
+                else:
+                    seconds, direct_ids = await direct_rollout(llm, request)
+                    direct_s.append(seconds)
         return {
-            way: {"seconds": [p[i][0] for p in pairs], "token_ids": pairs[-1][i][1]}
-            for i, way in enumerate(("http", "direct"))
+            "http": {"seconds": http_s, "server_seconds": server_s, "token_ids": http_ids},
+            "direct": {"seconds": direct_s, "token_ids": direct_ids},
         }
     finally:
         client.close()
