@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rollout_server.merge import lora_pairs, merged_weights
+from shared.adapter_hash import adapter_sha256
 from shared.errors import AdapterLoadError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -74,6 +75,15 @@ def check_adapter(adapter_root: Path, lora_path: str, *, base_config: dict, max_
                 "(adapter trained on another base model, or rank differs from adapter_config.json)"
             )
     return path
+
+
+def adapter_digest(path: Path, *, lora_path: str) -> str:
+    """`adapter_sha256` of the adapter directory `path`; AdapterLoadError (naming `lora_path`, as the
+    client gave it) if a file in it cannot be read."""
+    try:
+        return adapter_sha256(path)
+    except OSError as e:
+        raise AdapterLoadError(f"lora_path {lora_path!r}: cannot be read to hash it ({e.strerror})") from e
 
 
 def write_merged(model_dir: Path, adapter_dir: Path, out_dir: Path, *, lora_path: str) -> None:

@@ -16,6 +16,7 @@ from shared.errors import (
     AdapterBusyError,
     AdapterLoadError,
     AdapterNotFoundError,
+    AdapterVersionError,
     EngineDeadError,
     InvalidRequestError,
     MergedAdapterError,
@@ -49,6 +50,9 @@ ERRORS: dict[type[Exception], HttpError] = {
         400, "the adapter was refused (missing, malformed, or outside the adapter root); the old version serves on"
     ),
     AdapterNotFoundError: HttpError(404, "no adapter of that name is loaded"),
+    AdapterVersionError: HttpError(
+        409, "the server does not serve the adapter version the request names (it serves another, or none)"
+    ),
     UnsupportedFeatureError: HttpError(400, "asks for what this server does not serve (a streamed answer)"),
     SampleNotFoundError: HttpError(404, "no recorded rollout has that id (evicted, or never made)"),
     InvalidRequestError: HttpError(422, "over a bound of the server, or scores shaped unlike their rollout"),

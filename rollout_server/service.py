@@ -30,7 +30,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
-from rollout_server.adapters import check_adapter, shown_path, write_merged
+from rollout_server.adapters import adapter_digest, check_adapter, shown_path, write_merged
 from rollout_server.engine import LoraHandle, RolloutEngine
 from rollout_server.samples import SampleStore
 from shared.config import ServerConfig
@@ -38,6 +38,7 @@ from shared.errors import (
     AdapterBusyError,
     AdapterLoadError,
     AdapterNotFoundError,
+    AdapterVersionError,
     ConfigError,
     EngineDeadError,
     InvalidRequestError,
@@ -65,6 +66,8 @@ class _Served:
     handle: LoraHandle
     version: int
     loaded_at: datetime
+    sha256: str
+    """`adapter_sha256` of the adapter directory, as loaded."""
     merged_dir: Path | None = None
     """Merged serving: the checkpoint the engine samples from, this adapter merged into the base."""
 
@@ -124,18 +127,20 @@ class RolloutService:
     # --- rollouts -----------------------------------------------------------------------------
 
     async def rollout(self, request: RolloutRequest) -> RolloutResponse:
-        """K completions per prompt from the requested adapter's current version."""
+        """K completions per prompt from the requested adapter's current version (which must be
+        `request.version`, when that is given)."""
         self._check_bounds(request)
         self._check_engine()
         # A merged serving's swap is under way: start on the new weights. Re-checked after every
         # wake-up (another swap may begin first); from here to _acquire nothing awaits, so the
-        # version read below is the one the whole rollout runs on.
+        # version read (and checked against request.version) below is the one the whole rollout
+        # runs on.
         while not self._weights_ready.is_set():
             await self._weights_ready.wait()
         if self._sleep_level is not None:
             self.metrics.requests.labels("asleep").inc()
             raise ServerAsleepError("the server is asleep (POST /wake_up first); no rollout was generated")
-        served = self._serving(request.adapter)
+        served = self._serving(request.adapter, request.version)
         prompt_ids = request.prompt_token_ids or [self.engine.tokenize(p) for p in request.prompts or []]
         vocab_size = self.engine.vocab_size
         for i, ids in enumerate(prompt_ids):
@@ -257,17 +262,28 @@ class RolloutService:
             raise AdapterNotFoundError(f"no adapter named {name!r} is loaded (GET /v1/models lists them)")
         return served
 
-    def _serving(self, adapter: str | None) -> _Served | None:
+    def _serving(self, adapter: str | None, version: int | None) -> _Served | None:
         """What a rollout of `adapter` (None: the base) runs on. MergedAdapterError for the base
-        while an adapter is merged into the weights: it would sample the adapter's weights."""
-        if adapter is not None:
-            return self._served(adapter)
-        if (merged := self._merged()) is not None:
-            raise MergedAdapterError(
-                f"adapter {merged.handle.name!r} is merged into the weights this server samples from "
-                "(--adapter-serving merged): the base model is served again once it is unloaded"
+        while an adapter is merged into the weights: it would sample the adapter's weights.
+
+        AdapterVersionError unless the adapter's served version is `version` (None: any). An
+        adapter not held at all is that error too, not AdapterNotFoundError (404): a server that
+        missed a publish has fallen behind, which its pool must tell from a wrong name."""
+        if adapter is None:
+            if (merged := self._merged()) is not None:
+                raise MergedAdapterError(
+                    f"adapter {merged.handle.name!r} is merged into the weights this server samples from "
+                    "(--adapter-serving merged): the base model is served again once it is unloaded"
+                )
+            return None  # the request's version is None or 0 (RolloutRequest checks it)
+        served = self._adapters.get(adapter)
+        if version is not None and (served is None or served.version != version):
+            serves = "no version" if served is None else f"version {served.version}"
+            raise AdapterVersionError(
+                f"asked for adapter {adapter!r} version {version}, this server serves {serves} of it; "
+                "no completion was generated"
             )
-        return None
+        return self._served(adapter)
 
     def _merged(self) -> _Served | None:
         """The adapter merged into the served weights, if any."""
@@ -278,8 +294,16 @@ class RolloutService:
 
         Requests already running keep the version they started with; the old version is removed
         from the engine once the last of them finishes.
+
+        The answer's sha256 is `adapter_sha256` of the directory, hashed before the engine (or the
+        merge) reads it and again after: a directory rewritten in between hashes otherwise the
+        second time and is refused (AdapterLoadError; the engine drops what it read), so the hash
+        reported is that of the bytes loaded. Not caught: a rewrite undone byte for byte before
+        the second hash, and, in LoRA serving, a rewrite after the load (vLLM reads the directory
+        again to reload an adapter it evicted from its CPU cache). Version directories are written
+        once, to a temp dir renamed into place, and never rewritten.
         """
-        # Off the event loop: checking reads every tensor of the adapter.
+        # Off the event loop: checking reads every tensor of the adapter, hashing every byte.
         path = await asyncio.to_thread(
             check_adapter,
             self.cfg.adapter_root,
@@ -287,8 +311,9 @@ class RolloutService:
             base_config=self._base_config,
             max_rank=self.cfg.max_lora_rank,
         )
+        sha256 = await asyncio.to_thread(adapter_digest, path, lora_path=request.lora_path)
         if self._merged_root is not None:
-            return await self._load_merged(request, path)
+            return await self._load_merged(request, path, sha256)
         async with self._lock:
             self._check_engine()
             if self._sleep_level is not None:
@@ -302,8 +327,13 @@ class RolloutService:
                 # Named as the client gave it: the engine's message may hold the host path.
                 reason = str(e).replace(str(path), request.lora_path)
                 raise AdapterLoadError(f"the engine refused lora_path {request.lora_path!r}: {reason}") from e
+            try:
+                await self._check_unchanged(path, sha256, request.lora_path)
+            except BaseException:
+                await self.engine.remove_lora(handle.int_id)  # never published: no request uses it
+                raise
             old = self._adapters.get(request.lora_name)
-            served = _Served(handle, self._next_version(request), datetime.now(UTC))
+            served = _Served(handle, self._next_version(request), datetime.now(UTC), sha256)
             self._adapters[request.lora_name] = served
             if old:
                 self._retired.add(old.handle.int_id)
@@ -315,18 +345,29 @@ class RolloutService:
         self._versions[request.lora_name] = max(self._versions[request.lora_name], version)
         return version
 
+    async def _check_unchanged(self, path: Path, sha256: str, lora_path: str) -> None:
+        """AdapterLoadError unless the adapter directory `path` still hashes to `sha256`, its hash
+        before it was read."""
+        now = await asyncio.to_thread(adapter_digest, path, lora_path=lora_path)
+        if now != sha256:
+            raise AdapterLoadError(
+                f"lora_path {lora_path!r} changed while it was loaded (sha256 {sha256[:12]}... before, "
+                f"{now[:12]}... after): write each version to a new directory, renamed into place"
+            )
+
     def _published(self, served: _Served) -> AdapterInfo:
         self.metrics.adapter_version.labels(served.handle.name).set(served.version)
         return AdapterInfo(
             lora_name=served.handle.name,
             version=served.version,
             lora_path=shown_path(self.cfg.adapter_root, served.handle.path),
+            sha256=served.sha256,
             loaded_at=served.loaded_at,
         )
 
-    async def _load_merged(self, request: LoadLoraAdapterRequest, path: Path) -> AdapterInfo:
-        """Merge the adapter at `path` into the base weights and serve them as the next version of
-        `lora_name`; the old version serves on if the adapter cannot be merged.
+    async def _load_merged(self, request: LoadLoraAdapterRequest, path: Path, sha256: str) -> AdapterInfo:
+        """Merge the adapter at `path` (hashing to `sha256`) into the base weights and serve them as
+        the next version of `lora_name`; the old version serves on if the adapter cannot be merged.
 
         Rollouts already running finish on the old weights first, and rollouts that arrive during
         the swap start on the new ones.
@@ -350,6 +391,7 @@ class RolloutService:
                 await asyncio.to_thread(
                     write_merged, Path(self.cfg.model), path, merged_dir, lora_path=request.lora_path
                 )
+                await self._check_unchanged(path, sha256, request.lora_path)  # the merge read it
                 async with self._drained():
                     try:
                         await self.engine.load_weights(str(merged_dir))
@@ -357,7 +399,7 @@ class RolloutService:
                         # A reload that failed part-way leaves some layers new: serve the old ones.
                         await self.engine.load_weights(str(old.merged_dir if old else self.cfg.model))
                         raise
-                    served = _Served(handle, self._next_version(request), datetime.now(UTC), merged_dir)
+                    served = _Served(handle, self._next_version(request), datetime.now(UTC), sha256, merged_dir)
                     self._adapters[request.lora_name] = served  # before any waiting rollout starts
             except BaseException:
                 await asyncio.to_thread(shutil.rmtree, merged_dir, ignore_errors=True)
@@ -448,9 +490,15 @@ class RolloutService:
     def models(self) -> list[ModelCard]:
         """The base model and every served adapter with its version."""
         base = self.base_model_id
-        cards = [ModelCard(id=base, kind="base", version=0, root=base)]
+        cards = [ModelCard(id=base, kind="base", version=0, root=base, sha256=None)]
         cards += [
-            ModelCard(id=name, kind="lora", version=s.version, root=shown_path(self.cfg.adapter_root, s.handle.path))
+            ModelCard(
+                id=name,
+                kind="lora",
+                version=s.version,
+                root=shown_path(self.cfg.adapter_root, s.handle.path),
+                sha256=s.sha256,
+            )
             for name, s in self._adapters.items()
         ]
         return cards

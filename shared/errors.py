@@ -40,6 +40,11 @@ class AdapterNotFoundError(GrpoError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class AdapterVersionError(GrpoError, LookupError):
+    """A rollout named an adapter version the server does not serve: it serves another version of
+    the adapter, or none (the server has fallen behind its pool); nothing was generated (HTTP 409)."""
+
+
 class SampleNotFoundError(GrpoError, KeyError):
     """A score was posted for a rollout id the sample store no longer holds (HTTP 404)."""
 
@@ -105,3 +110,8 @@ class RewardFunctionError(GrpoError, RuntimeError):
 
 class UnsupportedFeatureError(GrpoError, ValueError):
     """A request asked for something this server does not serve, such as a streamed answer (HTTP 400)."""
+
+
+class AdapterPublishError(GrpoError, RuntimeError):
+    """A replica refused an adapter version (or loaded other files than the learner saved): no
+    replica serves it, and the pool serves the previous version as before."""

@@ -120,6 +120,12 @@ class RolloutRequest(_Wire):
     """Strings that end a completion (excluded from it): at most 16, each of 1 to 256 characters."""
     adapter: LoraName | None = None
     """Name of a loaded LoRA adapter; None samples from the base model."""
+    version: StrictInt | None = Field(None, ge=0)
+    """The version of `adapter` the completions must come from: a server that does not serve
+    exactly that version (another one, or no adapter of that name: it has fallen behind) answers
+    409 and generates nothing. With `adapter` None it must be None or 0 (the base), and with an
+    adapter at least 1, else 422. None: the version the server serves now (no adapter of that
+    name: 404)."""
 
     @model_validator(mode="after")
     def _one_prompt_kind(self) -> RolloutRequest:
@@ -131,6 +137,10 @@ class RolloutRequest(_Wire):
             raise ValueError("'prompts' holds a conversation with no message")
         if self.prompts is not None and any(p == "" for p in self.prompts):
             raise ValueError("'prompts' holds an empty text (a prompt needs at least one token)")
+        if self.adapter is None and self.version not in (None, 0):
+            raise ValueError(f"version {self.version} names an adapter version, but no 'adapter' is given (base: 0)")
+        if self.adapter is not None and self.version == 0:
+            raise ValueError("version 0 is the base model's; an adapter's versions start at 1")
         if self.temperature == 0 and self.n > 1:
             raise ValueError("temperature 0 is greedy decoding: all n completions would be equal; use n=1")
         if 0 < self.temperature < MIN_TEMPERATURE:
@@ -220,6 +230,9 @@ class AdapterInfo(_Wire):
     version: int
     lora_path: str
     """The adapter's directory relative to the server's adapter root (no host path)."""
+    sha256: str
+    """`shared.adapter_hash.adapter_sha256` of the files the server loaded, for the learner to
+    compare with its own hash of the directory it saved."""
     loaded_at: datetime
 
 
@@ -232,6 +245,8 @@ class ModelCard(_Wire):
     """0 for the base model."""
     root: str
     """The base model directory's name, or the adapter's directory relative to the adapter root."""
+    sha256: str | None
+    """An adapter's `AdapterInfo.sha256`; None for the base model."""
 
 
 class ModelsResponse(_Wire):

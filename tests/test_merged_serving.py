@@ -15,8 +15,9 @@ from rollout_server.app import build_app
 from rollout_server.cli import parse_config
 from rollout_server.merge import lora_pairs, lora_scaling, merged_weights
 from rollout_server.service import RolloutService
+from shared.adapter_hash import adapter_sha256
 from shared.config import ServerConfig
-from shared.errors import AdapterLoadError, ServerAsleepError
+from shared.errors import AdapterLoadError, AdapterVersionError, ServerAsleepError
 from shared.schemas import LoadLoraAdapterRequest, RolloutRequest
 from tests.fakes import BASE_WEIGHTS, FakeEngine, write_base_config, write_fake_adapter
 
@@ -163,7 +164,7 @@ def test_a_merged_adapter_is_served_with_no_lora_and_the_base_comes_back_on_unlo
     with TestClient(build_app(cfg, api_key="", engine_factory=lambda _: engine)) as client:
         assert rollout(client)["policy_version"] == 0  # nothing merged: the base serves
 
-        assert load(client, "v1")["version"] == 1
+        assert load(client, "v1")["sha256"] == adapter_sha256(root / "v1")
         torch.testing.assert_close(engine.weights[Q], torch.full((16, 16), 0.5 + 8.0))
         k = "model.layers.0.self_attn.k_proj.weight"
         torch.testing.assert_close(engine.weights[k], BASE_WEIGHTS[k])  # untargeted: the base's, unchanged
@@ -183,7 +184,10 @@ def test_a_merged_adapter_is_served_with_no_lora_and_the_base_comes_back_on_unlo
         assert r.status_code == 409 and "unload it before loading 'second'" in r.json()["detail"]
         assert client.post("/v1/rollouts", json={"prompts": ["hi"], "adapter": "second"}).status_code == 404
         models = client.get("/v1/models").json()["data"]
-        assert [(m["id"], m["kind"], m["version"]) for m in models] == [("base", "base", 0), ("policy", "lora", 7)]
+        assert [(m["id"], m["kind"], m["version"], m["sha256"]) for m in models] == [
+            ("base", "base", 0, None),
+            ("policy", "lora", 7, adapter_sha256(root / "v2")),
+        ]
 
         assert client.post("/v1/unload_lora_adapter", json={"lora_name": "policy"}).status_code == 200
         loads = engine.weight_loads
@@ -248,6 +252,37 @@ def test_a_swap_waits_for_running_rollouts_and_new_ones_wait_for_the_swap(cfg: S
         assert old.policy_version == 1 and new.policy_version == 2
         assert engine.generated_on == [1, 2]  # each ran on its own version's weights
         torch.testing.assert_close(engine.weights[Q], torch.full((16, 16), 0.5 + 16.0))
+
+    run(cfg, scenario)
+
+
+def test_a_rollout_pinned_during_a_swap_is_checked_against_the_version_it_would_run_on(cfg: ServerConfig) -> None:
+    """v1 rollout running -> load v2 -> rollouts pinned to 1 and to 2 arrive: both wait for the swap,
+    then the one pinned to 1 is refused (it would run on v2's weights) and the one pinned to 2 runs."""
+
+    def pinned(version: int) -> RolloutRequest:
+        return RolloutRequest(prompts=["a"], n=1, max_tokens=3, adapter="p", version=version)
+
+    async def scenario(service: RolloutService, engine: FakeEngine) -> None:
+        write_fake_adapter(cfg.adapter_root / "v1")
+        write_fake_adapter(cfg.adapter_root / "v2", value=2.0)
+        await service.load_adapter(LoadLoraAdapterRequest(lora_name="p", lora_path="v1"))
+        engine.gate = asyncio.Event()
+        running = asyncio.create_task(service.rollout(pinned(1)))
+        await until(lambda: len(engine.generated_on) == 1)
+        swap = asyncio.create_task(service.load_adapter(LoadLoraAdapterRequest(lora_name="p", lora_path="v2")))
+        await until(lambda: not service._weights_ready.is_set())
+        pinned_1 = asyncio.create_task(service.rollout(pinned(1)))
+        pinned_2 = asyncio.create_task(service.rollout(pinned(2)))
+        await asyncio.sleep(0.05)
+        assert not pinned_1.done()  # version 1 still serves, but the swap is under way: it waits
+        engine.gate.set()
+        assert (await running).policy_version == 1
+        await swap
+        with pytest.raises(AdapterVersionError, match="serves version 2"):
+            await pinned_1
+        assert (await pinned_2).policy_version == 2
+        assert engine.generated_on == [1, 2]  # the refused rollout generated nothing
 
     run(cfg, scenario)
 

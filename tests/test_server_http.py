@@ -10,7 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from rollout_server.app import build_app
+from rollout_server.engine import LoraHandle
 from rollout_server.service import RolloutService
+from shared.adapter_hash import adapter_sha256
 from shared.config import ServerConfig
 from shared.schemas import LoadLoraAdapterRequest, RolloutRequest
 from tests.fakes import FakeEngine, fake_server_config, write_fake_adapter
@@ -58,6 +60,8 @@ def test_rollout_returns_n_completions_per_prompt_with_base_version(client: Test
         ({"prompts": []}, "no prompt"),
         ({"prompt_token_ids": [[1]]}, "exactly one"),  # both kinds given
         ({"n": 0}, "greater than or equal to 1"),  # schema bound
+        ({"version": 3}, "no 'adapter' is given"),  # a version of the base: only 0
+        ({"adapter": "policy", "version": 0}, "versions start at 1"),  # 0 is the base's
     ],
 )
 def test_out_of_bounds_requests_get_a_clear_422(client: TestClient, body: dict, needle: str) -> None:
@@ -115,6 +119,69 @@ def test_bad_adapter_is_refused_and_old_one_keeps_serving(
     r = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": lora_path})
     assert r.status_code == 400 and needle in r.json()["detail"], r.text
     assert rollout(client, adapter="policy")["policy_version"] == 1
+
+
+def test_a_load_answers_and_models_list_the_sha256_of_the_adapters_files(client: TestClient, cfg: ServerConfig) -> None:
+    v1 = write_fake_adapter(cfg.adapter_root / "v1")
+    v2 = write_fake_adapter(cfg.adapter_root / "v2", value=2.0)
+    first = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v1"}).json()
+    assert first["sha256"] == adapter_sha256(v1)
+    second = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v2"}).json()
+    assert second["sha256"] == adapter_sha256(v2) != first["sha256"]
+    models = client.get("/v1/models").json()["data"]
+    assert [(m["kind"], m["sha256"]) for m in models] == [("base", None), ("lora", second["sha256"])]
+
+
+class RewritingEngine(FakeEngine):
+    """Rewrites the adapter directory `rewrite` (once) just before reading an adapter: a learner
+    saving over a directory while a server loads it."""
+
+    rewrite: Path | None = None
+
+    async def add_lora(self, lora: LoraHandle) -> None:
+        if self.rewrite is not None:
+            write_fake_adapter(self.rewrite, value=3.0)
+            self.rewrite = None
+        await super().add_lora(lora)
+
+
+def test_an_adapter_rewritten_while_the_engine_reads_it_is_refused_and_dropped(cfg: ServerConfig) -> None:
+    engine = RewritingEngine(max_model_len=cfg.max_model_len)
+    with TestClient(build_app(cfg, api_key="", engine_factory=lambda _: engine)) as client:
+        write_fake_adapter(cfg.adapter_root / "v1")
+        v2 = write_fake_adapter(cfg.adapter_root / "v2", value=2.0)
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v1"}).status_code == 200
+        engine.rewrite = v2
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v2"})
+        assert r.status_code == 400 and "'v2' changed while it was loaded" in r.json()["detail"], r.text
+        assert list(engine.loras) == [1] and engine.removed == [2]  # what the engine read is dropped
+        assert rollout(client, adapter="policy")["policy_version"] == 1  # v1 serves on
+        # Left as it is, the rewritten directory loads, as the next version, with its new hash.
+        again = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v2"}).json()
+        assert (again["version"], again["sha256"]) == (2, adapter_sha256(v2))
+
+
+def test_a_rollout_pinned_to_a_version_not_served_is_409_and_generates_nothing(
+    client: TestClient, cfg: ServerConfig, engine: FakeEngine
+) -> None:
+    write_fake_adapter(cfg.adapter_root / "v1")
+    client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v1", "version": 5})
+    assert rollout(client, adapter="policy", version=5)["policy_version"] == 5
+    assert rollout(client, version=0)["policy_version"] == 0  # the base, pinned
+    generated = len(engine.requests)
+    for adapter, version, serves in [
+        ("policy", 4, "version 5"),
+        ("policy", 6, "version 5"),
+        ("other", 1, "no version"),
+    ]:
+        r = client.post(
+            "/v1/rollouts", json={"prompts": ["a"], "max_tokens": 3, "adapter": adapter, "version": version}
+        )
+        assert r.status_code == 409, r.text
+        assert f"{adapter!r} version {version}, this server serves {serves}" in r.json()["detail"]
+    assert len(engine.requests) == generated
+    # Unpinned, an adapter the server does not hold is a wrong name: 404 as before.
+    assert client.post("/v1/rollouts", json={"prompts": ["a"], "max_tokens": 3, "adapter": "other"}).status_code == 404
 
 
 def test_unknown_adapter_is_404_and_unload_stops_serving(client: TestClient, cfg: ServerConfig) -> None:

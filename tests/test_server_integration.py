@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from learner.local_server import descendants, local_rollout_server
+from shared.adapter_hash import adapter_sha256
 from tests.peft_adapters import random_adapter
 from tests.servers import cpu_seconds
 
@@ -139,6 +140,20 @@ def test_bad_adapter_is_refused_and_old_keeps_serving(server: str, path: str, ne
     assert r.status_code == 400 and needle in r.json()["detail"]
     after_ids, after = greedy(server, "policy")
     assert (after_ids, after["policy_version"]) == (before_ids, before["policy_version"])
+
+
+def test_loads_report_the_sha256_of_their_files_and_a_rollout_pinned_to_a_stale_version_is_409(
+    server: str, adapter_root: Path
+) -> None:
+    old, new = load(server, "v1").json(), load(server, "v2").json()
+    assert (old["sha256"], new["sha256"]) == (adapter_sha256(adapter_root / "v1"), adapter_sha256(adapter_root / "v2"))
+    models = httpx.get(f"{server}/v1/models").json()["data"]
+    assert [(m["kind"], m["sha256"]) for m in models] == [("base", None), ("lora", new["sha256"])]
+    body = {"prompts": PROMPTS[:1], "n": 1, "max_tokens": 2, "adapter": "policy"}
+    r = httpx.post(f"{server}/v1/rollouts", json={**body, "version": new["version"]}, timeout=120)
+    assert r.status_code == 200 and r.json()["policy_version"] == new["version"], r.text
+    r = httpx.post(f"{server}/v1/rollouts", json={**body, "version": old["version"]}, timeout=120)
+    assert r.status_code == 409 and f"serves version {new['version']}" in r.json()["detail"], r.text
 
 
 def test_sleep_refuses_then_wake_serves_same_adapter(server: str) -> None:
