@@ -27,6 +27,7 @@ from torch import Tensor
 
 from learner import reward_funcs, scoring
 from learner.advantages import group_normalize
+from learner.distributed import Distributed
 from learner.prompts import Row
 from learner.reward_funcs import RewardFunc
 from learner.update import UpdateStats, policy_update
@@ -90,6 +91,7 @@ def learn_from(
     rows_P: list[Row],
     decode: Callable[[list[int]], str],
     step: int,
+    ranks: Distributed = Distributed(),
 ) -> Learned:
     """Score the completions (`text_ids_P_G`: their tokens without end-of-sequence), normalize
     within groups, and update the policy on every sampled token.
@@ -98,6 +100,9 @@ def learn_from(
     the prompts and columns of `rows_P` and the completions' text by `decode`). Every reward is
     computed before the update: a reward function that fails (RewardFunctionError, naming it and
     `step`) leaves the policy and the optimizer as they were.
+
+    Under torchrun the prompts are this rank's shard (`ranks`, see learner.update.policy_update):
+    rewards and advantages are of its own groups; the update and its figures are the whole step's.
     """
     P, G = len(completions_P_G), len(completions_P_G[0])
     prompt_ids_N = [prompt_ids_P[p] for p in range(P) for _ in range(G)]
@@ -106,7 +111,15 @@ def learn_from(
 
     def update(advantages):
         return policy_update(
-            policy, optimizer, prompt_ids_N, completion_ids_N, sampler_logprobs_N, advantages, cfg, pad_id=pad_id
+            policy,
+            optimizer,
+            prompt_ids_N,
+            completion_ids_N,
+            sampler_logprobs_N,
+            advantages,
+            cfg,
+            pad_id=pad_id,
+            ranks=ranks,
         )
 
     if rewards_come_from_the_update(policy, cfg, G):
