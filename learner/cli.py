@@ -128,37 +128,41 @@ def train(cfg: LearnerConfig) -> Path | None:
     trackers.check_installed(cfg.report_to)  # a tracker that is not installed, too
     policy, tokenizer = load_policy(model_dir, cfg)
     with ExitStack() as stack:
-        url = cfg.server_url
-        if url is None:
+        urls = cfg.server_url
+        if urls is None:
             server_log = cfg.output_dir / "server.log"
             # A 4-bit learner has the server sample from its own (dequantized) weights: see served_base.
             served = served_base(policy, model_dir, cfg)
             log.info("starting a local rollout server for %s (log: %s)", served, server_log)
-            url = stack.enter_context(
-                local_rollout_server(
-                    served,
-                    cfg.output_dir / "adapters",
-                    log_path=server_log,
-                    extra_args=server_flags(
-                        {
-                            "dtype": server_dtype(),
-                            "adapter_serving": adapter_serving(),
-                            "max_lora_rank": lora_rank_slot(cfg.lora.r),
-                            **cfg.server,
-                        }
-                    ),
+            urls = [
+                stack.enter_context(
+                    local_rollout_server(
+                        served,
+                        cfg.output_dir / "adapters",
+                        log_path=server_log,
+                        extra_args=server_flags(
+                            {
+                                "dtype": server_dtype(),
+                                "adapter_serving": adapter_serving(),
+                                "max_lora_rank": lora_rank_slot(cfg.lora.r),
+                                **cfg.server,
+                            }
+                        ),
+                    )
                 )
-            )
+            ]
         elif loads_in_4bit(cfg):
             log.warning(
                 "the learner's base is 4-bit and %s samples from the weights it loaded: unless it serves the "
                 "learner's dequantized base (learner.model.export_served_base), the sampler gap and the "
                 "importance weights carry the whole quantization error",
-                url,
+                ", ".join(urls),
             )
-        client = RolloutClient(url, api_key=cfg.api_key or os.environ.get("ROLLOUT_API_KEY"))
-        stack.callback(client.close)
-        last = loop.run(cfg, data.train, policy, tokenizer, client, eval_rows=data.eval)
+        api_key = cfg.api_key or os.environ.get("ROLLOUT_API_KEY")
+        clients = [RolloutClient(url, api_key=api_key) for url in urls]
+        for client in clients:
+            stack.callback(client.close)
+        last = loop.run(cfg, data.train, policy, tokenizer, clients, eval_rows=data.eval)
     log.info("done: last adapter %s; metrics in %s", last, cfg.output_dir / "metrics.jsonl")
     return last
 

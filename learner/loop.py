@@ -26,13 +26,14 @@ def run(
     rows: list[Row],
     policy: PeftModel,
     tokenizer,
-    client: RolloutClient,
+    clients: Sequence[RolloutClient],
     *,
     eval_rows: Sequence[Row] = (),
 ) -> Path | None:
     """Train `policy` on `rows` up to step `cfg.steps` (from a checkpoint's next step when resuming),
-    evaluating on `eval_rows` every `cfg.eval_steps`; returns the adapter version served last
-    (None: the base model)."""
+    sampling from the rollout servers of `clients` (one, or replicas of one model), evaluating on
+    `eval_rows` every `cfg.eval_steps`; returns the adapter version served last (None: the base
+    model)."""
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
@@ -42,7 +43,7 @@ def run(
     evaluation = Evaluation(cfg, list(eval_rows), encode, reward_fns, policy, tokenizer.decode)
     adapter_root = cfg.output_dir / "adapters"
     canary = partial(logprob_canary, policy=policy, prompt_ids=encode.prompt(rows[0]), cfg=cfg, pad_id=encode.pad_id)
-    server = ServerLink(client, cfg, canary)  # survives server restarts; wakes the server on exit
+    server = ServerLink(clients, cfg, canary)  # survives server restarts; wakes the servers on exit
     start = checkpoint.restore(cfg, policy, optimizer, prompts)  # step 0, or a checkpoint's step
     saved = start.adapter  # None: a fresh LoRA is a no-op, so step 1 samples the base
     log = RunLog(cfg, done=start.step)

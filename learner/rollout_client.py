@@ -12,12 +12,14 @@ from shared.errors import RolloutServerError, StaleAdapterError
 from shared.schemas import (
     AdapterInfo,
     LoadLoraAdapterRequest,
+    ModelCard,
     ModelsResponse,
     RolloutRequest,
     RolloutResponse,
     SampleScores,
     SamplesResponse,
     SleepState,
+    UnloadLoraAdapterRequest,
 )
 
 
@@ -45,10 +47,24 @@ class RolloutClient:
         request = LoadLoraAdapterRequest(lora_name=name, lora_path=path, version=version)
         return AdapterInfo.model_validate(self._call("POST", "/v1/load_lora_adapter", request))
 
+    @property
+    def base_url(self) -> str:
+        """The server's URL, as given."""
+        return str(self._http.base_url).rstrip("/")
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`."""
+        self._call("POST", "/v1/unload_lora_adapter", UnloadLoraAdapterRequest(lora_name=name))
+
+    def served(self, name: str) -> ModelCard | None:
+        """What the server serves as adapter `name` now (None if nothing)."""
+        models = ModelsResponse.model_validate(self._call("GET", "/v1/models"))
+        return next((m for m in models.data if m.kind == "lora" and m.id == name), None)
+
     def served_version(self, name: str) -> int | None:
         """The version of `name` the server serves now (None if it serves none)."""
-        models = ModelsResponse.model_validate(self._call("GET", "/v1/models"))
-        return next((m.version for m in models.data if m.kind == "lora" and m.id == name), None)
+        card = self.served(name)
+        return card.version if card else None
 
     def sleep(self, level: int = 1, lease_s: float | None = None) -> SleepState:
         """Ask the server to release the GPU; with `lease_s` it wakes by itself that much later."""
@@ -78,6 +94,13 @@ class RolloutClient:
         if r.status_code >= 400:
             raise RolloutServerError(r.status_code, f"POST /wake_up: {r.text}")
         return SleepState.model_validate(r.json())
+
+    def is_healthy(self, timeout_s: float = 2.0) -> bool:
+        """Whether /health answers 200 within `timeout_s` (no retry)."""
+        try:
+            return self._http.get("/health", timeout=timeout_s).status_code == 200
+        except httpx.TransportError:
+            return False
 
     def wait_healthy(self, timeout_s: float) -> None:
         """Poll /health (backoff 0.5 s doubling to 10 s) until it answers 200; RolloutServerError

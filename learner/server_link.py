@@ -1,51 +1,103 @@
-"""The learner's link to its rollout server, across the server's restarts.
+"""The learner's link to its rollout servers, one or a pool of replicas, across their restarts.
 
-The loop asks for rollouts, sleeps and wakes the server, and publishes adapter versions; this
-module makes each of those survive a server that went away: it waits (bounded backoff, long
-enough for a cold start) until a server answers /health again, puts back what the learner had
-published (the same adapter directory under the learner's version number), checks that the
-server now samples from the learner's policy (the version stamp, and a log-probability canary),
-and retries the call. Nothing the loop has done is repeated or lost: a step's rollout is retried
-before it is scored, and the version saved before a failure is the one put back.
+Routing. A step's rollout goes out as one request per prompt (n = K: a group stays on one replica),
+all at once, each to the replica in rotation with the fewest requests in flight. Prompt i keeps the
+seeds one request of every prompt would give it, so the completions do not depend on the routing.
 
-Sleeps carry a lease, so a learner that dies while the server sleeps does not strand it, and
-`close()` wakes the server on every exit the process lives through.
+Publishing. A version is served by every replica or by none. The learner loads it on each replica
+in rotation; each answers the version and the sha256 of the files it loaded, and the version goes
+live only when every answer carries the learner's own hash of the directory. A replica that
+refuses it (or reports another hash) fails the publish: the replicas that took it go back to the
+previous version (or to none), and the error names the replica. Rollouts name the version they
+want, and a replica that does not serve it answers 409 instead of sampling another.
+
+Recovery. A replica that does not answer, answers 503 (a dead engine, a sleep nobody here asked
+for), or answers a pinned rollout with 409 (it restarted or fell behind) is taken out of rotation,
+and its prompts go to the others. Before each rollout and publish, replicas out of rotation that
+answer /health again are re-synced (woken, the live version re-pushed and its hash checked, a
+log-probability canary against the learner) and put back; when none is left in rotation, the
+learner waits for one (bounded backoff, `server_wait_s`, long enough for a cold start). Nothing
+the loop has done is repeated or lost: a step's rollout is retried before it is scored, and the
+version saved before a failure is the one put back.
+
+Sleeps carry a lease, so a learner that dies while the servers sleep does not strand them, and
+`close()` wakes them on every exit the process lives through.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 from peft import PeftModel
 
-from learner.logprobs import Sequence, scored_logprobs
+from learner.logprobs import Sequence as TokenSequence
+from learner.logprobs import scored_logprobs
 from learner.rollout_client import RolloutClient
+from shared.adapter_hash import adapter_sha256
 from shared.config import LearnerConfig
-from shared.errors import RolloutServerError, StaleAdapterError
+from shared.errors import AdapterPublishError, RolloutServerError, StaleAdapterError
 from shared.schemas import RolloutRequest, RolloutResponse, SampleScores
 
 log = logging.getLogger("grpo-learner")
 T = TypeVar("T")
 Canary = Callable[[RolloutClient, str | None, int], float]
 
-RECONNECTS_PER_CALL = 3
+ATTEMPTS_PER_CALL = 4
+"""Tries of one call (a prompt's rollout, a sleep, a wake) before its error is raised; each lost try
+takes a replica out of rotation, or waits for one to come back."""
+RECENT_ROLLOUTS = 8
+"""Rollouts whose parts are remembered, for posting their scores to the replicas that made them."""
+
+
+@dataclass(eq=False)
+class _Replica:
+    client: RolloutClient
+    in_rotation: bool = True
+    awake: bool = True
+    in_flight: int = 0
+    sent: int = 0  # requests sent so far: ties of in_flight go to the replica sent fewer
+
+    @property
+    def url(self) -> str:
+        return self.client.base_url
+
+
+@dataclass(frozen=True)
+class _Published:
+    adapter_dir: Path
+    version: int
+    sha256: str
+
+
+class _ReplicaLost(Exception):
+    """A replica went away or fell behind during a call; it is out of rotation now."""
 
 
 class ServerLink:
-    """Rollouts, sleep/wake and adapter versions, re-established whenever the server restarts."""
+    """Rollouts, sleep/wake and adapter versions over one or more replicas, re-established
+    whenever one restarts."""
 
-    def __init__(self, client: RolloutClient, cfg: LearnerConfig, canary: Canary) -> None:
-        """`canary(client, adapter, version)` measures how far the server's log-probabilities of
+    def __init__(self, clients: Sequence[RolloutClient], cfg: LearnerConfig, canary: Canary) -> None:
+        """`canary(client, adapter, version)` measures how far a replica's log-probabilities of
         that version are from the learner's (`logprob_canary`)."""
-        self._client = client
+        if not clients:
+            raise ValueError("a ServerLink needs at least one rollout server")
+        self._replicas = [_Replica(client) for client in clients]
         self._cfg = cfg
         self._canary = canary
-        self._published: tuple[Path, int] | None = None  # the adapter directory and version to serve
-        self._awake = True
+        self._published: _Published | None = None
+        self._lock = threading.Lock()  # rotation and in-flight counts, across a rollout's threads
+        self._recovering = threading.Lock()  # one wait for a lost replica at a time
+        self._parts: dict[str, list[tuple[_Replica, str]]] = {}  # rollout id -> (replica, its rollout id)
 
     @property
     def adapter(self) -> str | None:
@@ -55,37 +107,72 @@ class ServerLink:
     @property
     def version(self) -> int:
         """The version rollouts must be stamped with (0: the base model)."""
-        return self._published[1] if self._published else 0
+        return self._published.version if self._published else 0
 
     def rollout(self, request: RolloutRequest) -> RolloutResponse:
-        """The server's completions, from the published version (StaleAdapterError if another)."""
+        """Every prompt's completions, from the published version (one request per prompt)."""
+        self._rejoin_recovered()
         self.wake()
-        return self._reconnecting(lambda: self._client.generate(request, expected_version=self.version))
+        pinned = self.version if request.adapter is not None else None
+        parts = [_one_prompt(request, i, pinned) for i in range(request.num_prompts)]
+        with ThreadPoolExecutor(max_workers=len(parts)) as threads:
+            answers = list(threads.map(self._rollout_part, parts))
+        rollout_id = answers[0][1].rollout_id if len(answers) == 1 else uuid.uuid4().hex
+        self._parts[rollout_id] = [(replica, answer.rollout_id) for replica, answer in answers]
+        while len(self._parts) > RECENT_ROLLOUTS:
+            self._parts.pop(next(iter(self._parts)))
+        return RolloutResponse(
+            rollout_id=rollout_id,
+            adapter=request.adapter,
+            policy_version=answers[0][1].policy_version,
+            results=[answer.results[0] for _, answer in answers],
+            created_at=min(answer.created_at for _, answer in answers),
+        )
 
     def publish(self, adapter_dir: Path, version: int) -> None:
-        """Serve `adapter_dir` (under the server's adapter root) as version `version` from now on.
+        """Serve `adapter_dir` (under the servers' adapter root) as version `version` from now on,
+        on every replica (AdapterPublishError, and the previous version kept, if one refuses).
 
-        Recorded before the load is sent: should the server fail during it, the version put back
-        on the next server is this one.
+        Recorded before the loads are sent: a replica that fails during its load gets this version
+        when it comes back.
         """
-        self._published = (adapter_dir, version)
+        previous = self._published
+        self._published = _Published(adapter_dir, version, adapter_sha256(adapter_dir))
+        self._rejoin_recovered()
         self.wake()
-        self._reconnecting(self._load_published)
+        took: list[_Replica] = []
+        for replica in self._in_rotation():
+            try:
+                took.append(replica)
+                self._load_published(replica)
+            except (RolloutServerError, StaleAdapterError) as e:
+                if isinstance(e, RolloutServerError) and _replica_lost(e):
+                    took.remove(replica)
+                    self._take_out(replica, e)
+                    continue
+                self._published = previous
+                for other in took:
+                    self._put_back(other, previous)
+                raise AdapterPublishError(
+                    f"{replica.url} did not take adapter version {version} ({e}); no replica serves it, "
+                    f"they serve version {previous.version if previous else 0} as before"
+                ) from e
+        if not took:
+            self._wait_for_a_replica()  # its re-sync loads this version
 
     def sleep(self) -> None:
-        """Let the learner have the GPU; the server wakes by itself after `sleep_lease_s` unless
-        the learner wakes it first."""
+        """Let the learner have the GPU; the servers wake by themselves after `sleep_lease_s`
+        unless the learner wakes them first."""
         if self._cfg.sleep_server:
-            self._reconnecting(self._sleep_once)
+            self._on_every_replica(self._sleep)
 
     def wake(self) -> None:
-        """Have the server take the GPU back (no call if the learner never put it to sleep)."""
-        if not self._awake:
-            self._reconnecting(self._client.wake_up)
-            self._awake = True
+        """Have the servers take the GPU back (no call to a server the learner did not put to sleep)."""
+        self._on_every_replica(self._wake)
 
     def post_scores(self, rollout_id: str, scores: SampleScores | None, step: int) -> None:
-        """Attach a step's scores (`Learned.sample_scores`) to its rollout in the server's sample log.
+        """Attach a step's scores (`Learned.sample_scores`) to its rollout in the sample logs of
+        the replicas that made it.
 
         Diagnostics, not training: scores JSON cannot hold (None: an infinite reward or a
         non-finite advantage) are not sent, and a restarted server no longer has the rollout;
@@ -94,71 +181,209 @@ class ServerLink:
         if scores is None:
             log.warning("step %d: non-finite rewards or advantages, not posted to the sample log", step)
             return
-        try:
-            self._client.post_scores(rollout_id, scores)
-        except RolloutServerError as e:
-            if e.status_code not in (0, 404, 503):
-                raise
-            log.warning("scores of rollout %s not recorded: %s", rollout_id, e.detail)
+        parts = self._parts.pop(rollout_id, [])
+        for i, (replica, part_id) in enumerate(parts):
+            part_scores = scores if len(parts) == 1 else _one_prompt_scores(scores, i)
+            try:
+                replica.client.post_scores(part_id, part_scores)
+            except RolloutServerError as e:
+                if e.status_code not in (0, 404, 503):
+                    raise
+                log.warning("scores of rollout %s not recorded by %s: %s", part_id, replica.url, e.detail)
 
     def close(self) -> None:
-        """Wake the server if the learner left it asleep (normal exit, error or Ctrl-C); a server
-        that cannot be reached is left to its lease."""
-        if not self._awake:
+        """Wake the servers the learner left asleep (normal exit, error or Ctrl-C); a server that
+        cannot be reached is left to its lease."""
+        for replica in self._replicas:
+            if not replica.awake:
+                try:
+                    replica.client.wake_up_on_exit()
+                    replica.awake = True
+                except RolloutServerError as e:
+                    log.warning("could not wake %s on exit (its sleep lease will): %s", replica.url, e)
+
+    # --- calls on replicas --------------------------------------------------------------------
+
+    def _rollout_part(self, request: RolloutRequest) -> tuple[_Replica, RolloutResponse]:
+        for _ in range(ATTEMPTS_PER_CALL + len(self._replicas)):
+            replica = self._reserve_least_busy()
             try:
-                self._client.wake_up_on_exit()
-                self._awake = True
-            except RolloutServerError as e:
-                log.warning("could not wake the rollout server on exit (its sleep lease will): %s", e)
+                return replica, self._call(
+                    replica,
+                    lambda c: c.generate(request, expected_version=self.version),
+                    fell_behind=request.version is not None,  # else a 409 is the request's own fault
+                )
+            except _ReplicaLost:
+                continue
+            finally:
+                with self._lock:
+                    replica.in_flight -= 1
+        raise RolloutServerError(0, "the rollout servers kept going away during one prompt's rollout")
+
+    def _on_every_replica(self, call: Callable[[_Replica], None]) -> None:
+        """`call` on every replica in rotation; lost ones are taken out, and with none left the
+        learner waits for one to come back (re-synced: awake) and calls it there."""
+        for _ in range(ATTEMPTS_PER_CALL):
+            done = 0
+            for replica in self._in_rotation():
+                try:
+                    self._call(replica, lambda _, replica=replica: call(replica))
+                    done += 1
+                except _ReplicaLost:
+                    pass
+            if done:
+                return
+            self._wait_for_a_replica()
+        raise RolloutServerError(0, "the rollout servers kept going away")
+
+    def _sleep(self, replica: _Replica) -> None:
+        # Before the call: interrupted mid-call, the server may already sleep.
+        replica.awake = False
+        replica.client.sleep(level=1, lease_s=self._cfg.sleep_lease_s)
+
+    def _wake(self, replica: _Replica) -> None:
+        if not replica.awake:
+            replica.client.wake_up()
+            replica.awake = True
+
+    def _call(self, replica: _Replica, call: Callable[[RolloutClient], T], *, fell_behind: bool = True) -> T:
+        """`call(client)`; a lost replica is taken out of rotation (_ReplicaLost), as is one that
+        answers 409 if `fell_behind` (a rollout pinned to a version it does not serve)."""
+        try:
+            return call(replica.client)
+        except RolloutServerError as e:
+            if not (_replica_lost(e) or (fell_behind and e.status_code == 409)):
+                raise
+            self._take_out(replica, e)
+            raise _ReplicaLost from e
+
+    def _in_rotation(self) -> list[_Replica]:
+        with self._lock:
+            return [r for r in self._replicas if r.in_rotation]
+
+    def _reserve_least_busy(self) -> _Replica:
+        """The replica in rotation with the fewest requests in flight, counted in flight from here
+        (the caller releases it), so that concurrent choices spread; waits for one if none is."""
+        while True:
+            with self._lock:
+                ready = [r for r in self._replicas if r.in_rotation]
+                if ready:
+                    replica = min(ready, key=lambda r: (r.in_flight, r.sent))
+                    replica.in_flight += 1
+                    replica.sent += 1
+                    return replica
+            self._wait_for_a_replica()
+
+    def _take_out(self, replica: _Replica, error: Exception) -> None:
+        with self._lock:
+            was_in, replica.in_rotation = replica.in_rotation, False
+        if was_in:
+            log.warning("%s taken out of rotation: %s", replica.url, error)
 
     # --- recovery -----------------------------------------------------------------------------
 
-    def _reconnecting(self, call: Callable[[], T]) -> T:
-        for attempt in range(RECONNECTS_PER_CALL + 1):
-            try:
-                return call()
-            except RolloutServerError as e:
-                if not _server_gone(e) or attempt == RECONNECTS_PER_CALL:
-                    raise
-                log.warning("the rollout server went away (%s); waiting for it", e.detail)
-                self._resync()
-        raise AssertionError("unreachable")
+    def _rejoin_recovered(self) -> None:
+        """Re-sync and put back the replicas out of rotation that answer /health again (no wait)."""
+        for replica in self._replicas:
+            if not replica.in_rotation and replica.client.is_healthy():
+                self._try_resync(replica)
 
-    def _resync(self) -> None:
-        """Wait for a server, then make it serve what this learner expects: awake, the published
-        version under the learner's number, sampling as the learner scores."""
-        self._client.wait_healthy(self._cfg.server_wait_s)
-        self._client.wake_up()
-        self._awake = True
-        if self._published and self._client.served_version(self._cfg.adapter_name) != self.version:
-            self._load_published()
-            gap = self._canary(self._client, self.adapter, self.version)
+    def _wait_for_a_replica(self) -> None:
+        """Block until some replica is in rotation again, polling the others' /health with backoff
+        (0.5 s doubling to 10 s) for at most `server_wait_s`."""
+        with self._recovering:
+            deadline, pause = time.monotonic() + self._cfg.server_wait_s, 0.5
+            while not self._in_rotation():
+                lost = [r for r in self._replicas if not r.in_rotation]
+                log.warning("no rollout server in rotation; waiting for %s", ", ".join(r.url for r in lost))
+                for replica in lost:
+                    if replica.client.is_healthy(timeout_s=10):
+                        self._try_resync(replica)
+                if self._in_rotation():
+                    return
+                if time.monotonic() + pause > deadline:
+                    raise RolloutServerError(0, f"no rollout server came back within {self._cfg.server_wait_s:.0f} s")
+                time.sleep(pause)
+                pause = min(2 * pause, 10.0)
+
+    def _try_resync(self, replica: _Replica) -> None:
+        try:
+            self._resync(replica)
+        except RolloutServerError as e:
+            if not _replica_lost(e):
+                raise
+            log.warning("%s answers /health but could not be re-synced yet: %s", replica.url, e)
+
+    def _resync(self, replica: _Replica) -> None:
+        """Make a replica serve what this learner expects (awake, the live version under the
+        learner's number and hash, sampling as the learner scores), then put it in rotation."""
+        client = replica.client
+        client.wake_up()
+        replica.awake = True
+        if self._published:
+            live = self._published
+            card = client.served(self._cfg.adapter_name)
+            if card is None or (card.version, card.sha256) != (live.version, live.sha256):
+                self._load_published(replica)
+            gap = self._canary(client, self.adapter, live.version)
             if not gap <= self._cfg.canary_tolerance:
                 raise StaleAdapterError(
-                    f"after re-loading version {self.version}, the server's log-probabilities differ from the "
-                    f"learner's by {gap:.4f} nats per token (tolerance {self._cfg.canary_tolerance}): it does not "
-                    "sample from the learner's policy (another base model or dtype?)"
+                    f"after re-loading version {live.version}, {replica.url}'s log-probabilities differ from "
+                    f"the learner's by {gap:.4f} nats per token (tolerance {self._cfg.canary_tolerance}): it "
+                    "does not sample from the learner's policy (another base model or dtype?)"
                 )
-            log.info("the server serves version %d again (canary gap %.2e nats per token)", self.version, gap)
+            log.info("%s serves version %d again (canary gap %.2e nats per token)", replica.url, live.version, gap)
+        with self._lock:
+            replica.in_rotation = True
 
-    def _sleep_once(self) -> None:
-        # Before each try: interrupted mid-call, the server may already sleep; and a try after a
-        # recovery (which wakes the server) must not leave the link believing it awake.
-        self._awake = False
-        self._client.sleep(level=1, lease_s=self._cfg.sleep_lease_s)
-
-    def _load_published(self) -> None:
-        adapter_dir, version = self._published
-        loaded = self._client.load_adapter(self._cfg.adapter_name, adapter_dir.name, version=version).version
-        if loaded != version or self._client.served_version(self._cfg.adapter_name) != version:
+    def _load_published(self, replica: _Replica) -> None:
+        live = self._published
+        loaded = replica.client.load_adapter(self._cfg.adapter_name, live.adapter_dir.name, version=live.version)
+        if (loaded.version, loaded.sha256) != (live.version, live.sha256):
             raise StaleAdapterError(
-                f"the server does not serve {self._cfg.adapter_name!r} version {version} after loading it"
+                f"{replica.url} loaded {self._cfg.adapter_name!r} as version {loaded.version} with sha256 "
+                f"{loaded.sha256[:12]}, not version {live.version} with sha256 {live.sha256[:12]} "
+                "(another copy of the adapter directory?)"
             )
 
+    def _put_back(self, replica: _Replica, previous: _Published | None) -> None:
+        """After a failed publish: back to the previous version (or to no adapter), or out of
+        rotation (re-synced later) if even that fails."""
+        try:
+            if previous is None:
+                replica.client.unload_adapter(self._cfg.adapter_name)
+            else:
+                name = self._cfg.adapter_name
+                replica.client.load_adapter(name, previous.adapter_dir.name, version=previous.version)
+        except RolloutServerError as e:
+            self._take_out(replica, e)
 
-def _server_gone(error: RolloutServerError) -> bool:
+
+def _replica_lost(error: RolloutServerError) -> bool:
     """No answer at all, or 503 (a dead engine, or a sleep nobody here asked for)."""
     return error.status_code in (0, 503)
+
+
+def _one_prompt(request: RolloutRequest, i: int, version: int | None) -> RolloutRequest:
+    """Prompt i of `request` alone, with the seeds it has in the whole request, pinned to `version`."""
+    return request.model_copy(
+        update={
+            "prompts": None if request.prompts is None else [request.prompts[i]],
+            "prompt_token_ids": None if request.prompt_token_ids is None else [request.prompt_token_ids[i]],
+            "seed": None if request.seed is None else request.seed + i * request.n,
+            "version": version,
+        }
+    )
+
+
+def _one_prompt_scores(scores: SampleScores, i: int) -> SampleScores:
+    return scores.model_copy(
+        update={
+            "rewards": [scores.rewards[i]],
+            "advantages": [scores.advantages[i]],
+            "components": {name: [values[i]] for name, values in scores.components.items()},
+        }
+    )
 
 
 def logprob_canary(
@@ -188,7 +413,7 @@ def logprob_canary(
     with torch.no_grad():
         learner_1_T = scored_logprobs(
             policy,
-            [Sequence.continuation(prompt_ids, completion.token_ids)],
+            [TokenSequence.continuation(prompt_ids, completion.token_ids)],
             temperature=cfg.sampling.temperature,
             chunk_size=cfg.logprob_chunk_size,
             pad_id=pad_id,

@@ -201,8 +201,12 @@ class LearnerConfig(_Strict):
     equal, so zero advantage; the value only shows in the logged rewards)."""
     model: str | None = None
     """Base model directory; None builds the bundled tiny model into output_dir/tiny-model."""
-    server_url: str | None = None
-    """Rollout server URL; None launches a local one as a child process on a free loopback port."""
+    server_url: list[str] | None = None
+    """Rollout server URLs: one server, or several replicas of the same base model (a pool: each
+    prompt's group goes to the replica with the fewest requests in flight, and every adapter
+    version is published to all of them; see learner.server_link). An entry that is not an
+    http(s) URL is a file of URLs, one per line ('#' starts a comment). None launches a local
+    server as a child process on a free loopback port."""
     server: dict[str, Any] = Field(default_factory=dict)
     """Settings of the local server (server_url None; ignored otherwise): ServerConfig fields by
     name, each passed as its flag, e.g. {max_model_len: 256} -> --max-model-len 256; all but
@@ -280,6 +284,32 @@ class LearnerConfig(_Strict):
     """Loss settings."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """Rollout sampling settings."""
+
+    @field_validator("server_url", mode="before")
+    @classmethod
+    def _server_urls(cls, value: Any) -> Any:
+        """A single URL as a list of one; files of URLs read in place."""
+        if value is None:
+            return None
+        urls = []
+        for entry in [value] if isinstance(value, str) else value:
+            if not isinstance(entry, str) or entry.startswith(("http://", "https://")):
+                urls.append(entry)
+                continue
+            try:
+                lines = Path(entry).read_text().splitlines()
+            except OSError as e:
+                raise ValueError(f"{entry!r} is neither an http(s) URL nor a readable file of URLs ({e})") from e
+            for number, line in enumerate(lines, 1):
+                url = line.split("#", 1)[0].strip()
+                if url and not url.startswith(("http://", "https://")):
+                    raise ValueError(f"{entry}: line {number}: {url!r} is not an http(s) URL")
+                urls += [url] if url else []
+        if not urls:
+            raise ValueError("no rollout server URL given")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"a rollout server is listed twice: {urls}")
+        return urls
 
     @field_validator("server")
     @classmethod

@@ -68,7 +68,7 @@ def test_the_learner_command_parses_and_meets_the_server() -> None:
     argv = shlex.split(interpolate(COMPOSE["services"]["learner"]["command"]))
     assert argv[0] == "grpo-learner" and argv[0] in PYPROJECT["project"]["scripts"]
     cfg = learner_config(argv[1:])
-    assert cfg.server_url == "http://rollout:8000" and cfg.mode == "supervised"
+    assert cfg.server_url == ["http://rollout:8000"] and cfg.mode == "supervised"
     # The adapters volume is the server's adapter root and the learner's <output_dir>/adapters.
     volumes = COMPOSE["services"]["learner"]["volumes"]
     assert f"adapters:{cfg.output_dir}/adapters" in volumes

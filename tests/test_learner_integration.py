@@ -60,7 +60,7 @@ def test_steps_train_lora_only_and_the_server_serves_the_saved_version(
     lora_before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
     version_before = client.served_version(cfg.adapter_name) or 0
 
-    last = loop.run(cfg, load_rows(cfg.data, mode), policy, tokenizer, client)
+    last = loop.run(cfg, load_rows(cfg.data, mode), policy, tokenizer, [client])
 
     params = dict(policy.named_parameters())
     assert all(torch.equal(params[n], p) for n, p in base_before.items()), "a base weight moved"
@@ -77,9 +77,9 @@ def test_steps_train_lora_only_and_the_server_serves_the_saved_version(
         assert row["sampler_gap"] < 0.05  # vLLM and the learner agree on the sampled tokens' logprobs
         if mode == "supervised":
             assert 0 <= row["reward_mean"] <= 1
-    # the server shows the rewards the learner computed, on the rollout they belong to
-    scores = client.recent_samples(limit=1).samples[0].scores
-    assert scores is not None and scores.step == STEPS and len(scores.rewards) == 2
+    # the server shows the rewards the learner computed on the rollouts they belong to: one per prompt
+    records = client.recent_samples(limit=2).samples
+    assert all(r.scores is not None and r.scores.step == STEPS and len(r.scores.rewards) == 1 for r in records)
 
 
 def test_reward_functions_reach_the_metrics_and_the_sample_log(
@@ -97,7 +97,7 @@ def test_reward_functions_reach_the_metrics_and_the_sample_log(
         sampling={"n": 4, "max_tokens": 6, "seed": 0},
     )
     policy, tokenizer = load_policy(str(tiny_model_dir), cfg)
-    loop.run(cfg, load_rows(cfg.data, cfg.mode), policy, tokenizer, client)
+    loop.run(cfg, load_rows(cfg.data, cfg.mode), policy, tokenizer, [client])
 
     row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 <= row["rewards/answer_perplexity/mean"] <= 1 and 0 <= row["rewards/exact_match/mean"] <= 1
@@ -128,7 +128,7 @@ def test_evaluation_runs_before_the_first_step_and_every_eval_steps(
     policy, tokenizer = load_policy(str(tiny_model_dir), cfg)
     metrics = run_dir / "metrics.jsonl"  # shared with the module's other runs
     before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-    loop.run(cfg, data.train, policy, tokenizer, client, eval_rows=data.eval)
+    loop.run(cfg, data.train, policy, tokenizer, [client], eval_rows=data.eval)
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines()[before:]]
     evals = [r for r in rows if "eval/reward_mean" in r]

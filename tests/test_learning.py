@@ -59,7 +59,7 @@ def grpo_supervised(model_dir: Path, run_dir: Path, client: RolloutClient, rows:
     policy, tokenizer = load_policy(str(model_dir), cfg)
     with torch.no_grad():
         before = evaluate_addition(policy, tokenizer, HELDOUT)
-    loop.run(cfg, rows, policy, tokenizer, client)
+    loop.run(cfg, rows, policy, tokenizer, [client])
     with torch.no_grad():
         after = evaluate_addition(policy, tokenizer, HELDOUT)
     return before, after
@@ -112,7 +112,7 @@ def test_unsupervised_grpo_lowers_completion_nll_within_a_kl_bound(
         sampling={"n": 8, "max_tokens": 12, "seed": 0},
     )
     policy, tokenizer = load_policy(str(warm_model_dir), cfg)
-    loop.run(cfg, load_rows(cfg.data, cfg.mode), policy, tokenizer, client)
+    loop.run(cfg, load_rows(cfg.data, cfg.mode), policy, tokenizer, [client])
     lines = (cfg.output_dir / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines[-cfg.steps :]]  # this run's steps
     first = sum(r["reward_mean"] for r in rows[:5]) / 5

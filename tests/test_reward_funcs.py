@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from learner.rewards import weighted_reward_sum
 from learner.server_link import ServerLink
 from shared.config import LearnerConfig
 from shared.errors import ConfigError, RewardFunctionError
-from shared.schemas import ChatMessage, Completion, SampleScores
+from shared.schemas import ChatMessage, Completion, PromptRollout, RolloutRequest, RolloutResponse, SampleScores
 
 EXACT = "tests/reward_fns/exact_match.py:exact_match"
 PROBES = "tests/reward_fns/probes.py"
@@ -226,12 +227,20 @@ def test_a_failing_function_is_named_with_the_step(name: str, message: str) -> N
 
 
 def test_scores_are_posted_with_none_where_a_function_or_every_function_did_not_apply() -> None:
-    class Client:  # the one RolloutClient method post_scores calls
+    class Client:  # the RolloutClient methods a rollout and post_scores call
+        def generate(self, request: RolloutRequest, *, expected_version: int) -> RolloutResponse:
+            completions = [Completion(text="", token_ids=[1], logprobs=[-1.0], finish_reason="length")] * request.n
+            result = PromptRollout(prompt=None, prompt_token_ids=request.prompt_token_ids[0], completions=completions)
+            return RolloutResponse(
+                rollout_id="r1", adapter=None, policy_version=0, results=[result], created_at=datetime.now(UTC)
+            )
+
         def post_scores(self, rollout_id: str, scores: SampleScores) -> None:
             self.posted = (rollout_id, scores)
 
     client = Client()
-    link = ServerLink(client, LearnerConfig(), canary=None)
+    link = ServerLink([client], LearnerConfig(), canary=None)
+    link.rollout(RolloutRequest(prompt_token_ids=[[5]], n=3, max_tokens=1))
     nan = torch.nan
     components = {"exact_match": torch.tensor([[1.0, nan, nan]]), "length": torch.tensor([[2.0, 3.0, nan]])}
     rewards_P_G = torch.tensor([[3.0, 3.0, nan]])  # the third: unscorable
