@@ -102,25 +102,6 @@ class RolloutClient:
         except httpx.TransportError:
             return False
 
-    def wait_healthy(self, timeout_s: float) -> None:
-        """Poll /health (backoff 0.5 s doubling to 10 s) until it answers 200; RolloutServerError
-        (status 0) after `timeout_s`."""
-        deadline, pause, last = time.monotonic() + timeout_s, 0.5, "no answer"
-        while True:
-            try:
-                r = self._http.get("/health", timeout=10)
-                if r.status_code == 200:
-                    return
-                last = f"/health answered {r.status_code}"
-            except httpx.TransportError as e:
-                last = str(e) or type(e).__name__
-            if time.monotonic() + pause > deadline:
-                raise RolloutServerError(
-                    0, f"{self._http.base_url} did not come back within {timeout_s:.0f} s (last: {last})"
-                )
-            time.sleep(pause)
-            pause = min(2 * pause, 10.0)
-
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
