@@ -80,3 +80,40 @@ def test_the_image_installs_dependency_groups_that_exist() -> None:
     groups = re.findall(r"--group (\w+)", dockerfile)
     assert groups and set(groups) <= set(PYPROJECT["dependency-groups"])
     assert "cpu" not in groups  # the image is the CUDA engine's
+
+
+REPLICAS = sorted(name for name in COMPOSE["services"] if re.fullmatch(r"rollout-\d+", name))
+
+
+def test_the_multi_gpu_replicas_each_have_a_gpu_and_the_shared_adapters() -> None:
+    assert [f"rollout-{i}" for i in range(len(REPLICAS))] == REPLICAS and len(REPLICAS) >= 2
+    gpus = []
+    for name in REPLICAS:
+        service = COMPOSE["services"][name]
+        assert service["profiles"] == ["multi-gpu"]
+        cfg, _ = server_config(shlex.split(interpolate(service["command"]))[1:])
+        assert (cfg.host, cfg.port, cfg.adapter_root) == ("0.0.0.0", 8000, Path("/adapters"))
+        assert "adapters:/adapters" in service["volumes"]
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        gpus += device["device_ids"]
+    learner = COMPOSE["services"]["learner-ddp"]
+    (device,) = learner["deploy"]["resources"]["reservations"]["devices"]
+    gpus += device["device_ids"]
+    assert len(gpus) == len(set(gpus)), f"two services reserve the same GPU: {gpus}"
+
+
+def test_the_ddp_learner_runs_one_rank_per_gpu_against_every_replica() -> None:
+    learner = COMPOSE["services"]["learner-ddp"]
+    argv = shlex.split(interpolate(learner["command"]))
+    assert argv[0] == "torchrun" and argv[2:4] == ["-m", "learner.cli"]
+    (device,) = learner["deploy"]["resources"]["reservations"]["devices"]
+    assert argv[1] == f"--nproc_per_node={len(device['device_ids'])}"
+    cfg = learner_config(argv[4:])
+    assert cfg.server_url == [f"http://{name}:8000" for name in REPLICAS]
+    assert not cfg.sleep_server  # the replicas have GPUs of their own
+    assert f"adapters:{cfg.output_dir}/adapters" in learner["volumes"]
+    assert set(learner["depends_on"]) == set(REPLICAS)
+
+
+def test_the_one_gpu_services_start_without_a_profile() -> None:
+    assert all("profiles" not in COMPOSE["services"][name] for name in ("rollout", "learner"))
