@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from learner.model import ADAPTER_WEIGHTS, load_adapter_weights, next_version, save_adapter
+from learner.distributed import Distributed
+from learner.model import ADAPTER_WEIGHTS, load_adapter_weights, next_version, save_adapter, version_dir
 from learner.prompts import PromptSampler
 from learner.run_log import drop_samples_after, drop_steps_after
 from shared.config import LearnerConfig
@@ -55,10 +56,16 @@ class TrainState:
 
 
 def save_if_due(
-    cfg: LearnerConfig, state: TrainState, policy: PeftModel, optimizer: torch.optim.Optimizer, prompts: PromptSampler
+    cfg: LearnerConfig,
+    state: TrainState,
+    policy: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    prompts: PromptSampler,
+    ranks: Distributed = Distributed(),
 ) -> Path | None:
-    """Every `cfg.save_steps` steps, checkpoint `state` and keep the newest `cfg.save_total_limit`."""
-    if not cfg.save_steps or state.step % cfg.save_steps:
+    """Every `cfg.save_steps` steps, checkpoint `state` and keep the newest `cfg.save_total_limit`.
+    Under torchrun rank 0 alone writes (every rank holds the same state); the others get None."""
+    if not cfg.save_steps or state.step % cfg.save_steps or not ranks.is_main:
         return None
     root = cfg.output_dir / "checkpoints"
     path = save(root, state, policy, optimizer, prompts)
@@ -125,7 +132,11 @@ def resume_point(cfg: LearnerConfig) -> Path | None:
 
 
 def restore(
-    cfg: LearnerConfig, policy: PeftModel, optimizer: torch.optim.Optimizer, prompts: PromptSampler
+    cfg: LearnerConfig,
+    policy: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    prompts: PromptSampler,
+    ranks: Distributed = Distributed(),
 ) -> TrainState:
     """The state training starts from, with `policy`, `optimizer`, `prompts` and the RNGs set to it.
 
@@ -134,16 +145,21 @@ def restore(
     checkpoints are deleted (the resumed run redoes those steps and numbers its adapters from the
     checkpoint's version on). Fresh: step 0, serving the base model, or `cfg.init_adapter`'s
     weights (already in `policy`, see model.load_policy) saved as the next adapter version.
+
+    Under torchrun every rank calls it and ends in the same state. Rank 0 alone writes to
+    output_dir (the roll back, the init adapter's version), and every rank returns once it has.
     """
     adapter_root = cfg.output_dir / "adapters"
-    path = resume_point(cfg)
+    path = resume_point(cfg)  # the same on every rank: the roll back removes only later ones
     if path is None:
         if cfg.resume == "auto":
             log.info("--resume auto: no checkpoint under %s, starting at step 1", cfg.output_dir / "checkpoints")
         if cfg.init_adapter is None:
             return TrainState(0, 0, None)
-        version = next_version(adapter_root)
-        return TrainState(0, version, save_adapter(policy, adapter_root, version))
+        (version,) = ranks.main_ints([next_version(adapter_root)])
+        adapter = save_adapter(policy, adapter_root, version) if ranks.is_main else version_dir(adapter_root, version)
+        ranks.barrier()  # on disk before any rank serves it
+        return TrainState(0, version, adapter)
 
     saved = json.loads((path / STATE_FILE).read_text())
     load_adapter_weights(policy, path / "adapter")
@@ -157,9 +173,11 @@ def restore(
     prompts.load_state_dict(saved["prompts"])
     adapter = None if saved["adapter"] is None else adapter_root / saved["adapter"]
     state = TrainState(saved["step"], saved["policy_version"], adapter)
-    _roll_back(cfg.output_dir, state)
-    if state.adapter is not None:
-        _check_served_adapter(state.adapter, path / "adapter", policy)
+    if ranks.is_main:
+        _roll_back(cfg.output_dir, state)
+        if state.adapter is not None:
+            _check_served_adapter(state.adapter, path / "adapter", policy)
+    ranks.barrier()  # output_dir rolled back, the served adapter in place, before any rank goes on
     log.info("resuming from %s: step %d done, policy version %d", path, state.step, state.version)
     return state
 

@@ -8,6 +8,7 @@ import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import ValidationError
@@ -16,6 +17,9 @@ from learner.data import load_data
 from shared.cli import add_model_flags, deep_merge, given_overrides
 from shared.config import LearnerConfig
 from shared.errors import ConfigError, GrpoError
+
+if TYPE_CHECKING:
+    from learner.distributed import Distributed  # imports torch: not before a config error
 
 log = logging.getLogger("learner")
 
@@ -51,6 +55,12 @@ model is built (seeded, warmed up on an addition task) into runs/tiny-model.
 Every --save-steps steps a checkpoint (adapter, optimizer, RNG states, data position) goes to
 <output_dir>/checkpoints/step-N; --resume auto continues a killed run from the newest one, and
 ends with the weights an uninterrupted run would have (given --sampling-seed).
+
+Under `torchrun --nproc_per_node=N -m learner.cli ...` (gloo on CPU, NCCL on CUDA) each rank
+samples and scores its share of every step's prompts (--prompts-per-step must divide by N) from
+the servers of --server-url (required: start them first), and the update is the whole step's;
+rank 0 alone saves, publishes and evaluates adapter versions and writes metrics, samples and
+checkpoints. The servers are not put to sleep then.
 
 Settings come from the LearnerConfig defaults, then --config FILE.yaml, then flags.
 """
@@ -92,10 +102,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(cfg: LearnerConfig) -> Path | None:
-    """Run `cfg`; returns the last adapter directory."""
+    """Run `cfg`; returns the last adapter directory. Under torchrun every rank runs it (loop.run
+    says what each does)."""
     data = load_data(cfg)  # bad data stops here, before any model is loaded
     log.info("%d %s rows from %s, %d held out", len(data.train), cfg.mode, cfg.data, len(data.eval))
     from learner import reward_funcs
+    from learner.distributed import Distributed
 
     reward_funcs.load(cfg)  # so do unknown or broken reward functions
     if cfg.sampling.top_p < 1 or cfg.sampling.top_k != -1:
@@ -103,6 +115,10 @@ def train(cfg: LearnerConfig) -> Path | None:
             "top_p/top_k truncate the sampler's distribution; the learner's logprobs are not truncated, "
             "so the importance ratios (and the sampler gap) are biased"
         )
+    ranks = Distributed.from_env()  # torchrun's ranks, or this process alone
+    ranks.check_divides(cfg.prompts_per_step)  # and a batch that does not split over them
+    if ranks.world_size > 1:
+        cfg = _under_torchrun(cfg, ranks)
     model_dir = cfg.model or _default_model()
 
     from learner import checkpoint, loop, trackers
@@ -119,15 +135,17 @@ def train(cfg: LearnerConfig) -> Path | None:
 
     cfg = with_model_sampling_defaults(cfg, model_dir)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    # The resolved settings, for reproducing the run; the API key stays out of the file.
-    (cfg.output_dir / "config.yaml").write_text(
-        yaml.safe_dump(cfg.model_dump(mode="json", exclude={"api_key"}), sort_keys=False)
-    )
+    if ranks.is_main:
+        # The resolved settings, for reproducing the run; the API key stays out of the file.
+        (cfg.output_dir / "config.yaml").write_text(
+            yaml.safe_dump(cfg.model_dump(mode="json", exclude={"api_key"}), sort_keys=False)
+        )
 
     checkpoint.resume_point(cfg)  # a bad --resume, or checkpoints a fresh start would mix with, stop here
     trackers.check_installed(cfg.report_to)  # a tracker that is not installed, too
-    policy, tokenizer = load_policy(model_dir, cfg)
-    with ExitStack() as stack:
+    # Joined before the model loads: under NCCL the rank's GPU becomes the current device.
+    with ranks, ExitStack() as stack:
+        policy, tokenizer = load_policy(model_dir, cfg)
         urls = cfg.server_url
         if urls is None:
             server_log = cfg.output_dir / "server.log"
@@ -158,13 +176,29 @@ def train(cfg: LearnerConfig) -> Path | None:
                 "importance weights carry the whole quantization error",
                 ", ".join(urls),
             )
+        # Each rank lists the replicas from its own one on: ties of the least-busy choice go to the
+        # first listed, so ranks that each send one prompt at a time do not all pick the same one.
+        urls = urls[ranks.rank % len(urls) :] + urls[: ranks.rank % len(urls)]
         api_key = cfg.api_key or os.environ.get("ROLLOUT_API_KEY")
         clients = [RolloutClient(url, api_key=api_key) for url in urls]
         for client in clients:
             stack.callback(client.close)
-        last = loop.run(cfg, data.train, policy, tokenizer, clients, eval_rows=data.eval)
+        last = loop.run(cfg, data.train, policy, tokenizer, clients, eval_rows=data.eval, ranks=ranks)
     log.info("done: last adapter %s; metrics in %s", last, cfg.output_dir / "metrics.jsonl")
     return last
+
+
+def _under_torchrun(cfg: LearnerConfig, ranks: Distributed) -> LearnerConfig:
+    """`cfg` for one of several ranks: ConfigError without server URLs, and no server sleeps."""
+    if cfg.server_url is None:
+        raise ConfigError(
+            f"under torchrun ({ranks.world_size} ranks) pass --server-url: without it every rank would start "
+            "a local rollout server of its own, and only rank 0's would get the new adapter versions; start "
+            "the rollout server(s) first and give every rank the same URLs"
+        )
+    if cfg.sleep_server:
+        log.info("under torchrun the rollout servers are not put to sleep (see --sleep-server)")
+    return cfg.model_copy(update={"sleep_server": False})
 
 
 def _default_model() -> str:

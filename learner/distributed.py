@@ -116,6 +116,15 @@ class Distributed:
             return values
         return self.sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
+    def main_ints(self, values: list[int]) -> list[int]:
+        """Rank 0's `values`, on every rank (one collective; every rank passes as many): a number
+        only rank 0 can know, such as the version of the adapter it alone writes."""
+        if self.world_size == 1:
+            return values
+        sent = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.broadcast(sent, src=0)
+        return sent.tolist()
+
     def gather(self, values_M: Tensor) -> Tensor:
         """The 1-D `values_M` of every rank, concatenated in rank order (lengths may differ), on
         `values_M`' device (`values_M` itself when alone)."""

@@ -50,8 +50,8 @@ class Evaluation:
 
     def after_step(self, step: int, server: ServerLink, log: RunLog) -> None:
         """Evaluate the served version and log the figures, when step `step` (0: before the
-        first) is due one."""
-        if self.due(step):
+        first) is due one and `log` writes: under torchrun rank 0 alone evaluates (RunLog)."""
+        if self.due(step) and log.writes:
             log.eval(step, self.run(server, step))
 
     def due(self, step: int) -> bool:

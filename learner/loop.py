@@ -11,12 +11,13 @@ import torch
 from peft import PeftModel
 
 from learner import checkpoint, reward_funcs
+from learner.distributed import Distributed
 from learner.evaluate import Evaluation
 from learner.learn import learn_from
-from learner.model import eos_token_ids, next_version, save_adapter
+from learner.model import eos_token_ids, next_version, save_adapter, version_dir
 from learner.prompts import PromptEncoder, PromptSampler, Row
 from learner.rollout_client import RolloutClient
-from learner.run_log import RunLog
+from learner.run_log import RunLog, StepFigures
 from learner.server_link import ServerLink, logprob_canary
 from shared.config import LearnerConfig
 
@@ -29,34 +30,42 @@ def run(
     clients: Sequence[RolloutClient],
     *,
     eval_rows: Sequence[Row] = (),
+    ranks: Distributed = Distributed(),
 ) -> Path | None:
     """Train `policy` on `rows` up to step `cfg.steps` (from a checkpoint's next step when resuming),
     sampling from the rollout servers of `clients` (one, or replicas of one model), evaluating on
     `eval_rows` every `cfg.eval_steps`; returns the adapter version served last (None: the base
-    model)."""
+    model).
+
+    Under torchrun every rank runs this, each sampling and scoring its shard of every step's
+    prompts, and takes the whole step's update (learn_from). Rank 0 alone saves and publishes each
+    version (the others then follow it: _serve), writes metrics, samples and checkpoints (RunLog,
+    checkpoint) and evaluates; its metrics are the whole step's (StepFigures.gather).
+    """
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
-    prompts = PromptSampler(rows, cfg.prompts_per_step, cfg.seed)
+    prompts = PromptSampler(rows, cfg.prompts_per_step, cfg.seed)  # the same batches on every rank
     encode = PromptEncoder(tokenizer, cfg, eos_ids=eos_token_ids(policy.generation_config, tokenizer))
     reward_fns = reward_funcs.load(cfg)  # learner.cli checked them before the model loaded
     evaluation = Evaluation(cfg, list(eval_rows), encode, reward_fns, policy, tokenizer.decode)
     adapter_root = cfg.output_dir / "adapters"
     canary = partial(logprob_canary, policy=policy, prompt_ids=encode.prompt(rows[0]), cfg=cfg, pad_id=encode.pad_id)
     server = ServerLink(clients, cfg, canary)  # survives server restarts; wakes the servers on exit
-    start = checkpoint.restore(cfg, policy, optimizer, prompts)  # step 0, or a checkpoint's step
+    start = checkpoint.restore(cfg, policy, optimizer, prompts, ranks)  # step 0, or a checkpoint's step
     saved = start.adapter  # None: a fresh LoRA is a no-op, so step 1 samples the base
-    log = RunLog(cfg, done=start.step)
+    log = RunLog(cfg, done=start.step, ranks=ranks)  # writes on rank 0 only
     try:
         if saved:
-            server.publish(saved, start.version)
+            _serve(saved, start.version, server, ranks)
         if start.step == 0:
             evaluation.after_step(0, server, log)  # the base model, before any update
         for step in range(start.step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
-            batch = prompts.next_batch()
+            batch = ranks.shard(prompts.next_batch())  # this rank's share of the step's prompts
             prompt_ids_P = [encode.prompt(row) for row in batch]
-            rollout = server.rollout(encode.rollout_request(prompt_ids_P, server.adapter, step))
+            first = ranks.rank * len(batch)  # the shard's first prompt in the step: its seeds
+            rollout = server.rollout(encode.rollout_request(prompt_ids_P, server.adapter, step, first_prompt=first))
             server.sleep()  # the learner takes the GPU (with sleep_server)
             completions = [r.completions for r in rollout.results]
             t1 = time.perf_counter()
@@ -74,21 +83,42 @@ def run(
                 rows_P=batch,
                 decode=tokenizer.decode,
                 step=step,
+                ranks=ranks,
             )
             t2 = time.perf_counter()
-            if learned.stats.skipped:
+            if learned.stats.skipped:  # on every rank alike
                 log.note(f"[step {step}] non-finite loss or gradient: update skipped, version {server.version} kept")
             else:
-                version = next_version(adapter_root)
-                saved = save_adapter(policy, adapter_root, version)
-                server.publish(saved, version)
-            server.post_scores(rollout.rollout_id, learned.sample_scores(step), step)
+                saved = _save_and_serve(policy, adapter_root, server, ranks)
+            server.post_scores(rollout.rollout_id, learned.sample_scores(step), step)  # this rank's rollout
             scored, updated, swapped = learned.score_s, t2 - t1 - learned.score_s, time.perf_counter() - t2
             times = {"generate": t1 - t0, "score": scored, "update": updated, "swap": swapped}
-            log.step(step, server.version, rollout, learned, times, prompts=[row.prompt for row in batch])
+            whole = StepFigures.of(rollout, learned).gather(ranks)  # collectives: on every rank
+            log.step(step, server.version, rollout, learned, times, prompts=[row.prompt for row in batch], whole=whole)
             evaluation.after_step(step, server, log)
-            checkpoint.save_if_due(cfg, checkpoint.TrainState(step, server.version, saved), policy, optimizer, prompts)
+            state = checkpoint.TrainState(step, server.version, saved)
+            checkpoint.save_if_due(cfg, state, policy, optimizer, prompts, ranks)
     finally:
         server.close()
         log.close()
     return saved
+
+
+def _save_and_serve(policy: PeftModel, adapter_root: Path, server: ServerLink, ranks: Distributed) -> Path:
+    """Save `policy`'s adapter as the next version under `adapter_root` (rank 0 alone writes it)
+    and serve it from now on (_serve); returns its directory, on every rank."""
+    (version,) = ranks.main_ints([next_version(adapter_root)])  # rank 0's number: the directory it writes
+    adapter_dir = save_adapter(policy, adapter_root, version) if ranks.is_main else version_dir(adapter_root, version)
+    _serve(adapter_dir, version, server, ranks)
+    return adapter_dir
+
+
+def _serve(adapter_dir: Path, version: int, server: ServerLink, ranks: Distributed) -> None:
+    """Make `adapter_dir` the version `version` every rank's rollouts sample from: rank 0 publishes
+    it to every replica, and once it has (a barrier), the other ranks follow it without loading it
+    (the ranks share the filesystem the adapters are on)."""
+    if ranks.is_main:
+        server.publish(adapter_dir, version)
+    ranks.barrier()
+    if not ranks.is_main:
+        server.follow(adapter_dir, version)

@@ -48,7 +48,8 @@ def load_policy(model_dir: str, cfg: LearnerConfig) -> tuple[PeftModel, PreTrain
     """The base model with a LoRA, fresh (seeded) or with `cfg.init_adapter`'s weights, and its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if torch.cuda.is_available():
-        kwargs: dict = {"dtype": torch.bfloat16, "device_map": {"": 0}}
+        # The current device: under torchrun, this rank's GPU (Distributed.init sets it).
+        kwargs: dict = {"dtype": torch.bfloat16, "device_map": {"": torch.cuda.current_device()}}
         if loads_in_4bit(cfg):
             from transformers import BitsAndBytesConfig
 
@@ -211,6 +212,11 @@ def next_version(adapter_root: Path) -> int:
     return max(done, default=0) + 1
 
 
+def version_dir(adapter_root: Path, version: int) -> Path:
+    """Where version `version` of the adapter is saved: `adapter_root/v{version:06d}`."""
+    return adapter_root / f"v{version:06d}"
+
+
 def save_adapter(model: PeftModel, adapter_root: Path, version: int) -> Path:
     """Write the adapter to `adapter_root/v{version:06d}` atomically: a temp dir, then a rename.
 
@@ -218,7 +224,7 @@ def save_adapter(model: PeftModel, adapter_root: Path, version: int) -> Path:
     adapter; a crash leaves at most a stray temp dir and every earlier version intact.
     """
     adapter_root.mkdir(parents=True, exist_ok=True)
-    final = adapter_root / f"v{version:06d}"
+    final = version_dir(adapter_root, version)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=adapter_root))
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -134,13 +134,19 @@ class PromptEncoder:
         """The completion's text tokens: without the end-of-sequence token that stopped it."""
         return token_ids[:-1] if token_ids and token_ids[-1] in self.eos_ids else token_ids
 
-    def rollout_request(self, prompt_ids_P: list[list[int]], adapter: str | None, step: int) -> RolloutRequest:
+    def rollout_request(
+        self, prompt_ids_P: list[list[int]], adapter: str | None, step: int, *, first_prompt: int = 0
+    ) -> RolloutRequest:
         """The request for step `step` (from 1); with `sampling.seed` set, each step's completions
-        take the next prompts_per_step * n seeds (see SamplingConfig.seed)."""
+        take the next prompts_per_step * n seeds (see SamplingConfig.seed). `prompt_ids_P` are the
+        step's prompts from index `first_prompt` on (under torchrun, rank r's shard starts at
+        r * len(shard)): their seeds are the ones they have in the whole step's request, so the
+        ranks' requests together draw what one process's draws."""
         sampling = self._cfg.sampling
-        assert step >= 1 and len(prompt_ids_P) <= self._cfg.prompts_per_step, (step, len(prompt_ids_P))
+        end = first_prompt + len(prompt_ids_P)
+        assert step >= 1 and first_prompt >= 0 and end <= self._cfg.prompts_per_step, (step, first_prompt, end)
         stride = self._cfg.prompts_per_step * sampling.n  # seeds one step's request uses
-        seed = None if sampling.seed is None else sampling.seed + (step - 1) * stride
+        seed = None if sampling.seed is None else sampling.seed + (step - 1) * stride + first_prompt * sampling.n
         # SamplingConfig's fields are RolloutRequest's sampling fields, by name; a `stop` still left
         # to the model (None, see model.with_model_sampling_defaults) sends the request's default.
         params = sampling.model_dump(exclude={"seed"}, exclude_none=True)

@@ -5,6 +5,10 @@ shows each step as it ends): a training row per step ({"time", "step", "policy_v
 "reward_mean", ...}), and an evaluation row per `RunLog.eval` ({"time", "step", "eval/<name>", ...},
 no other keys) after the training row of the step it evaluated. Both kinds carry "step", so a
 resumed run drops the rows of the steps it redoes, of both kinds (`drop_steps_after`).
+
+Under torchrun only rank 0's RunLog writes. Its training rows are the whole step's (StepFigures
+gathered over the ranks); its samples files, tracker samples and printed samples are of rank 0's
+own shard of each step: the step's first prompts_per_step / N prompts and their completions.
 """
 
 from __future__ import annotations
@@ -13,24 +17,72 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from learner.advantages import zero_variance_groups
+from learner.distributed import Distributed
 from learner.learn import Learned
 from learner.trackers import TextSample, open_trackers
 from shared.config import LearnerConfig
 from shared.schemas import Prompt, RolloutResponse, SampleRecord
 
 
+@dataclass(frozen=True)
+class StepFigures:
+    """What a step's metrics row is computed from, per completion of a step (or of a rank's shard
+    of one): prompt-major, as the rollout's results."""
+
+    rewards_P_G: Tensor
+    components_P_G: dict[str, Tensor]
+    """Learned.components_P_G: each reward function's own rewards, by name."""
+    completion_lens_N: Tensor
+    """Each completion's token count (its end-of-sequence token included), int64."""
+    clipped_N: Tensor
+    """1 where a completion stopped at max_tokens, else 0; int64."""
+
+    @classmethod
+    def of(cls, rollout: RolloutResponse, learned: Learned) -> StepFigures:
+        """The figures of `rollout`'s completions and `learned`'s scores of them."""
+        completions_N = [c for result in rollout.results for c in result.completions]
+        return cls(
+            learned.rewards_P_G,
+            learned.components_P_G,
+            torch.tensor([len(c.token_ids) for c in completions_N], dtype=torch.int64),
+            torch.tensor([c.finish_reason == "length" for c in completions_N], dtype=torch.int64),
+        )
+
+    def gather(self, ranks: Distributed) -> StepFigures:
+        """The whole step's figures from every rank's shard, in rank order (the step's prompt
+        order); these figures themselves when alone. Collectives: every rank calls it at the same
+        point of a step (never rank 0 alone, or the ranks wait on each other forever)."""
+        G = self.rewards_P_G.shape[1]
+        return StepFigures(
+            ranks.gather(self.rewards_P_G.flatten()).view(-1, G),
+            # the same names in the same order on every rank: reward_funcs.load(cfg)'s
+            {name: ranks.gather(values_P_G.flatten()).view(-1, G) for name, values_P_G in self.components_P_G.items()},
+            ranks.gather(self.completion_lens_N),
+            ranks.gather(self.clipped_N),
+        )
+
+
 class RunLog:
     """Appends each step's row to `metrics.jsonl`, writes its rollout and scores to
-    `samples/step_NNNNNN.jsonl`, drives the progress bar and feeds the trackers (`report_to`)."""
+    `samples/step_NNNNNN.jsonl`, drives the progress bar and feeds the trackers (`report_to`).
 
-    def __init__(self, cfg: LearnerConfig, *, done: int = 0) -> None:
+    Under torchrun (`ranks`) only rank 0's writes; on the other ranks it opens nothing and every
+    method does nothing (`writes` is False), so every rank can make the same calls."""
+
+    def __init__(self, cfg: LearnerConfig, *, done: int = 0, ranks: Distributed = Distributed()) -> None:
+        self.writes = ranks.is_main
+        """Whether this log writes anything: False on the ranks other than 0."""
+        if not self.writes:
+            return
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = cfg.output_dir / "metrics.jsonl"
         self.samples_dir = cfg.output_dir / "samples"
@@ -50,29 +102,37 @@ class RunLog:
         seconds: dict[str, float],
         *,
         prompts: list[Prompt],
+        whole: StepFigures | None = None,
     ) -> None:
         """Record step `step`, after which the server serves `version`. `seconds`: the step's phases,
         which add up to its wall time. `prompts`: the batch's prompts as the data gave them (the
         rollout holds only their token ids), for the samples file and for people. Every
-        `sample_every` steps, print prompt 0's first completion."""
+        `sample_every` steps, print prompt 0's first completion.
+
+        `whole`: the whole step's figures for the metrics row, under torchrun (StepFigures.gather);
+        None when `rollout` and `learned` are the whole step. The samples file and the samples
+        shown are of `rollout`, `learned` and `prompts` either way."""
+        if not self.writes:
+            return
         texts_P = [p if isinstance(p, str) else p[-1].content for p in prompts]  # a conversation's last turn
         completions_P_G = [r.completions for r in rollout.results]
         rewards_P_G = learned.rewards_P_G
-        completions_N = [c for group in completions_P_G for c in group]
         assert rewards_P_G.shape == (len(completions_P_G), len(completions_P_G[0])), rewards_P_G.shape
-        reward_mean, reward_std = nan_mean_std(rewards_P_G)
+        whole = whole or StepFigures.of(rollout, learned)
+        reward_mean, reward_std = nan_mean_std(whole.rewards_P_G)
+        completions = whole.completion_lens_N.numel()
         metrics = {
             "step": step,
             "policy_version": version,
             # unscorable completions (NaN: no reward function applied) are left out, as in TRL
             "reward_mean": reward_mean,
             "reward_std": reward_std,
-            **reward_function_stats(learned.components_P_G),
-            "zero_variance_groups": zero_variance_groups(rewards_P_G),
-            "completion_len": sum(len(c.token_ids) for c in completions_N) / len(completions_N),
+            **reward_function_stats(whole.components_P_G),
+            "zero_variance_groups": zero_variance_groups(whole.rewards_P_G),
+            "completion_len": whole.completion_lens_N.sum().item() / completions,
             # truncated at max_tokens: a high ratio means the budget, not the policy, ends completions
-            "clipped_ratio": sum(c.finish_reason == "length" for c in completions_N) / len(completions_N),
-            "completions_per_s": len(completions_N) / sum(seconds.values()),
+            "clipped_ratio": whole.clipped_N.sum().item() / completions,
+            "completions_per_s": completions / sum(seconds.values()),
             **vars(learned.stats),
             **{f"time_{k}": v for k, v in seconds.items()},
         }
@@ -106,6 +166,8 @@ class RunLog:
     def eval(self, step: int, metrics: dict[str, float]) -> None:
         """Record an evaluation of the policy after step `step`: `metrics` (name -> value) as keys
         "eval/<name>" of a row of their own (see the module docstring), and to the trackers."""
+        if not self.writes:
+            return
         scalars = {f"eval/{name}": value for name, value in metrics.items()}
         self._write_row({"step": step, **scalars})
         for tracker in self._trackers:
@@ -113,10 +175,13 @@ class RunLog:
 
     def note(self, message: str) -> None:
         """A line above the progress bar."""
-        self._bar.write(message)
+        if self.writes:
+            self._bar.write(message)
 
     def close(self) -> None:
         """Finish the bar, the file and the trackers."""
+        if not self.writes:
+            return
         self._bar.close()
         self._file.close()
         for tracker in self._trackers:

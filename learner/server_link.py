@@ -160,6 +160,17 @@ class ServerLink:
         if not took:
             self._wait_for_a_replica()  # its re-sync loads this version
 
+    def follow(self, adapter_dir: Path, version: int) -> None:
+        """Serve `adapter_dir` as version `version` from now on, as another learner process (rank 0
+        under torchrun) has published it to every replica: nothing is loaded here. Rollouts are
+        pinned to that version, and a replica re-synced later gets it, checked against the sha256
+        of `adapter_dir` as read here (the ranks share the filesystem the adapters are on).
+
+        Call it only once `publish` has returned in the process that published (a barrier): before,
+        replicas would answer this link's pinned rollouts with 409 and leave its rotation.
+        """
+        self._published = _Published(adapter_dir, version, adapter_sha256(adapter_dir))
+
     def sleep(self) -> None:
         """Let the learner have the GPU; the servers wake by themselves after `sleep_lease_s`
         unless the learner wakes them first."""

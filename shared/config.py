@@ -243,7 +243,9 @@ class LearnerConfig(_Strict):
     load_in_4bit: bool = True
     """Load the base in 4-bit NF4 (bitsandbytes; CUDA only, ignored on CPU)."""
     sleep_server: bool = True
-    """Put the server to sleep while the learner scores and updates (one shared GPU)."""
+    """Put the server to sleep while the learner scores and updates (one shared GPU). Off under
+    torchrun with more than one rank: the ranks sample at different times, and a sleep one rank
+    asked for would fail another's rollouts (503)."""
     sleep_lease_s: float = Field(900.0, gt=0)
     """A sleeping server wakes by itself this long after the learner's /sleep, so a learner that
     dies (kill -9) cannot leave it asleep; longer than a step's scoring and update."""

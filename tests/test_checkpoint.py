@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from learner import checkpoint
 from learner.checkpoint import TrainState
 from learner.cli import main
+from learner.distributed import Distributed
 from learner.model import load_adapter_weights, load_policy, save_adapter
 from learner.prompts import PromptSampler, UnsupervisedRow
 from shared.config import LearnerConfig
@@ -241,3 +242,11 @@ def test_the_cli_refuses_a_bad_resume_before_loading_a_model(
         main(argv + [f.format(out=tmp_path) for f in flags])
     assert e.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_under_torchrun_only_rank_0_writes_checkpoints(tmp_path: Path) -> None:
+    cfg = LearnerConfig(output_dir=tmp_path, save_steps=1)
+    rank_1 = Distributed(rank=1, world_size=2)
+    # Rank 1 holds the same state as rank 0 (nothing of it is read): it writes nothing.
+    assert checkpoint.save_if_due(cfg, TrainState(1, 1, None), None, None, None, rank_1) is None
+    assert not (tmp_path / "checkpoints").exists()

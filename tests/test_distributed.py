@@ -37,6 +37,7 @@ def test_without_torchrun_the_process_is_the_only_rank_and_every_collective_is_t
         assert ranks.gather(values) is values
         assert ranks.sum_ints([3, 4]) == [3, 4]
         assert ranks.sum_floats([0.1, float("inf")]) == [0.1, float("inf")]
+        assert ranks.main_ints([3, 4]) == [3, 4]
         assert ranks.shard(["a", "b", "c"]) == ["a", "b", "c"]
         ranks.barrier()
 

@@ -63,6 +63,35 @@ def test_bad_data_exits_2_with_file_and_line_before_loading_a_model(tmp_path: Pa
     assert f"{data}:2: field 'answer'" in capsys.readouterr().err
 
 
+TORCHRUN_RANK_1_OF_2 = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # each rank would start a server of its own, and only rank 0's would get the versions
+        (["--prompts-per-step", "2"], "under torchrun (2 ranks) pass --server-url"),
+        # every rank takes the same number of whole prompts
+        (["--server-url", "http://127.0.0.1:9", "--prompts-per-step", "3"], "prompts_per_step=3 does not split"),
+    ],
+)
+def test_torchrun_refuses_a_run_its_ranks_cannot_share_before_loading_a_model(
+    flags: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    for name, value in TORCHRUN_RANK_1_OF_2.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as e:
+        # --model points nowhere: reaching the model (or the process group) would fail differently
+        main(
+            ["--data", "examples/unsupervised.jsonl", "--model", str(tmp_path / "none")]
+            + flags
+            + ["--output-dir", str(tmp_path / "run")]
+        )
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
 @pytest.mark.integration
 def test_the_cards_supervised_command_with_no_config_gets_meaningful_rewards(warm_model_dir: Path, tmp_path) -> None:
     """`grpo-learner --mode supervised --data train.jsonl`, nothing else: the bundled model's own sampling

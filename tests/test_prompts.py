@@ -96,6 +96,23 @@ def test_sampling_seeds_never_repeat_within_or_across_steps(prompts_per_step: in
     assert sorted(seeds) == list(range(10, 10 + 5 * prompts_per_step * n))
 
 
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_the_ranks_shards_draw_the_seeds_of_the_one_process_step(ranks: int) -> None:
+    # Completion j of prompt i samples with request.seed + i * n + j (as above). Rank r of W sends
+    # prompts r * 4/W ... of the step's 4, from first_prompt = r * 4/W: each completion keeps the
+    # seed it has in one process's request, so the ranks draw the same completions between them.
+    cfg = LearnerConfig(prompts_per_step=4, sampling={"n": 3, "seed": 10})
+    enc = PromptEncoder(CharTokenizer(), cfg)
+    whole = enc.rollout_request([[1]] * 4, None, step=2)
+    one_process = [whole.seed + i * 3 + j for i in range(4) for j in range(3)]
+    shard = 4 // ranks
+    by_ranks = []
+    for rank in range(ranks):
+        request = enc.rollout_request([[1]] * shard, None, step=2, first_prompt=rank * shard)
+        by_ranks += [request.seed + i * 3 + j for i in range(shard) for j in range(3)]
+    assert by_ranks == one_process == list(range(10 + 12, 10 + 24))  # step 2 starts after step 1's 12
+
+
 def test_no_sampling_seed_sends_none() -> None:
     enc = PromptEncoder(CharTokenizer(), LearnerConfig())
     assert enc.rollout_request([[1]], None, step=1).seed is None

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from learner.distributed import Distributed
 from learner.learn import Learned
-from learner.run_log import RunLog, drop_steps_after, reward_function_stats
+from learner.run_log import RunLog, StepFigures, drop_steps_after, reward_function_stats
 from learner.update import UpdateStats
 from shared.config import LearnerConfig
 from shared.schemas import ChatMessage, Completion, PromptRollout, RolloutResponse, SampleRecord
@@ -99,6 +100,52 @@ def test_a_step_row_is_on_disk_before_the_log_closes_with_rates_and_per_function
     # exact applied to nothing: NaN, which JSON writes as null
     assert row["rewards/exact/mean"] is None and row["rewards/exact/std"] is None
     assert row["time_generate"] == 1.25 and row["kl"] == 0.01
+
+
+def test_under_torchrun_the_row_is_the_whole_steps_and_the_samples_file_rank_0s_shard(cfg: LearnerConfig) -> None:
+    # Rank 0's shard: prompt 0 of 2. The whole step (what StepFigures.gather gives rank 0) adds
+    # rank 1's prompt: completions of 1, 2, 1, 2 tokens, 2 of 4 at max_tokens, rewards 1, 0, 0.5, 0.5.
+    mine, mine_learned = rollout([["stop", "stop"]]), learned([[1.0, 0.0]], {"format": [[1.0, NAN]]})
+    theirs, theirs_learned = rollout([["length", "length"]]), learned([[0.5, 0.5]], {"format": [[0.0, NAN]]})
+    whole = StepFigures(
+        torch.cat([mine_learned.rewards_P_G, theirs_learned.rewards_P_G]),
+        {"format": torch.tensor([[1.0, NAN], [0.0, NAN]])},
+        torch.cat(
+            [
+                StepFigures.of(mine, mine_learned).completion_lens_N,
+                StepFigures.of(theirs, theirs_learned).completion_lens_N,
+            ]
+        ),
+        torch.tensor([0, 0, 1, 1]),
+    )
+    log = RunLog(cfg)
+    log.step(3, 2, mine, mine_learned, SECONDS, prompts=["1+1="], whole=whole)
+    log.close()
+    (row,) = rows(log.path)
+    assert row["completions_per_s"] == 2.0  # 4 completions / 2 s
+    assert (row["clipped_ratio"], row["completion_len"]) == (0.5, 1.5)
+    assert (row["reward_mean"], row["zero_variance_groups"]) == (0.5, 1)  # rank 1's group: 0.5, 0.5
+    assert (row["rewards/format/mean"], row["rewards/format/std"]) == (0.5, 0.5)
+    (record,) = rows(cfg.output_dir / "samples" / "step_000003.jsonl")
+    assert [r["prompt"] for r in record["results"]] == ["1+1="] and record["scores"]["rewards"] == [[1.0, 0.0]]
+
+
+def test_alone_the_step_figures_gather_to_themselves(cfg: LearnerConfig) -> None:
+    figures = StepFigures.of(rollout([["length", "stop"]]), learned([[1.0, 0.0]], {"format": [[1.0, NAN]]}))
+    gathered = figures.gather(Distributed())
+    assert gathered.rewards_P_G.equal(figures.rewards_P_G) and gathered.clipped_N.equal(figures.clipped_N)
+    torch.testing.assert_close(gathered.components_P_G, figures.components_P_G, rtol=0, atol=0, equal_nan=True)
+    assert figures.completion_lens_N.tolist() == [1, 2] and figures.clipped_N.tolist() == [1, 0]
+
+
+def test_a_log_on_another_rank_than_0_writes_nothing(cfg: LearnerConfig) -> None:
+    log = RunLog(cfg, ranks=Distributed(rank=1, world_size=2))
+    assert not log.writes
+    log.step(1, 1, rollout([["stop", "stop"]]), learned([[1.0, 0.0]]), SECONDS, prompts=["p"])
+    log.eval(1, {"reward_mean": 0.5})
+    log.note("skipped")
+    log.close()
+    assert not cfg.output_dir.exists()
 
 
 def test_a_single_builtin_reward_logs_no_per_function_keys(cfg: LearnerConfig) -> None:

@@ -190,3 +190,22 @@ def test_a_replica_that_fell_behind_answers_409_and_is_resynced(tmp_path: Path) 
     assert second.calls.count("load_adapter") == 1 and not second.rollouts  # the publish's load
     link.rollout(request(link))  # re-pushed before this one
     assert second.calls.count("load_adapter") == 2 and second.card.version == 1 and second.rollouts
+
+
+def test_a_follower_pins_the_version_another_link_published_and_resyncs_with_it(tmp_path: Path) -> None:
+    # Two torchrun ranks' links over the same replicas: rank 0's publishes, rank 1's follows.
+    publisher, servers = pool(tmp_path, 2)
+    follower = ServerLink(servers, LearnerConfig(), canary=lambda client, adapter, version: 0.0)
+    v1 = save(tmp_path, 1, b"one")
+    publisher.publish(v1, 1)
+    loads = [s.calls.count("load_adapter") for s in servers]
+    follower.follow(v1, 1)
+    assert (follower.adapter, follower.version) == ("policy", 1)
+    assert [s.calls.count("load_adapter") for s in servers] == loads  # nothing loaded twice
+    assert follower.rollout(request(follower)).policy_version == 1
+    assert {r.version for s in servers for r in s.rollouts} == {1}  # pinned, on both replicas
+    # A replica that restarts under the follower gets the followed version, with its hash checked.
+    servers[1].die_before = "generate"
+    follower.rollout(request(follower))
+    follower.rollout(request(follower))
+    assert (servers[1].card.version, servers[1].card.sha256) == (1, adapter_sha256(v1))
