@@ -37,9 +37,9 @@ the C++ compilers torch runs when vLLM compiles the model); "all", every process
 A second table, on the tiny model against a rollout server started here with the learner's local
 server's settings: the server's overhead over vLLM's AsyncLLM called directly with the same
 requests (4 prompts x 8 x 32 tokens from the base, the same seeds; bench/direct_rollouts.py takes
-them in pairs, in alternating order; the overhead is the median of the pairs' ratios, split into
-the server's own rollout time and HTTP + JSON; the target is < 5%), and the hot-swap as the
-learner publishes (save the adapter, POST /v1/load_lora_adapter, check /v1/models serves it).
+them in rotating order; the overhead is HTTP + JSON, from the client's time less the server's own,
+plus the server's RolloutService against AsyncLLM on one engine; the target is < 5%), and the
+hot-swap as the learner publishes (save the adapter, POST /v1/load_lora_adapter, check /v1/models serves it).
 
 Everything goes under --work-dir (default runs/bench-compare): the models (reused by later runs),
 each run's output directory and log, and results.json with every figure.
@@ -360,26 +360,28 @@ def memory_text(group: ProcessGroup) -> str:
 def serving_table(figures: dict, w: Workload, repeats: int) -> str:
     swaps, rollouts = figures["swap"], figures["rollouts"]
     swap_parts = ", ".join(f"{k} {statistics.median(s[k] for s in swaps):.3f}" for k in swaps[0])
-    http, direct = rollouts["http"], rollouts["direct"]
-    pairs = list(zip(http["seconds"], http["server_seconds"], direct["seconds"], strict=True))
-    overhead = statistics.median(h / d - 1 for h, _, d in pairs)
-    in_server_ms = statistics.median(s - d for _, s, d in pairs) * 1000
-    wire_ms = statistics.median(h - s for h, s, _ in pairs) * 1000
+    http, direct, service = rollouts["http"], rollouts["direct"], rollouts["service"]
+    wire_ms = statistics.median(h - s for h, s in zip(http["seconds"], http["server_seconds"], strict=True)) * 1000
+    service_ms = statistics.median(s - d for s, d in zip(service["seconds"], direct["seconds"], strict=True)) * 1000
+    direct_s = statistics.median(direct["seconds"])
+    engines = statistics.median(h / d - 1 for h, d in zip(http["seconds"], direct["seconds"], strict=True))
+    overhead = (wire_ms + service_ms) / 1000 / direct_s
     same = "yes" if http["token_ids"] == direct["token_ids"] else "no"
     batch = f"{w.prompts_per_step} prompts x {w.n} x {w.max_tokens} tokens from the base"
     return "\n".join(
         [
-            f"| tiny model (hot-swaps: medians of {repeats}; rollouts: {len(pairs)} pairs in turn) | s | |",
+            f"| tiny model (hot-swaps: medians of {repeats}; rollouts: {len(direct['seconds'])} rounds) | s | |",
             "|---|---|---|",
             f"| hot-swap ({figures['adapter_serving']} serving, as the learner's local server): save + load + verify "
             f"| {statistics.median(sum(s.values()) for s in swaps):.3f} | {swap_parts} |",
-            f"| rollout {batch}, HTTP (RolloutClient) | {statistics.median(http['seconds']):.3f} "
-            f"| of which in the server's rollout {statistics.median(http['server_seconds']):.3f} |",
-            f"| the same through AsyncLLM directly | {statistics.median(direct['seconds']):.3f} "
-            f"| same completions: {same} |",
-            f"| server overhead over AsyncLLM, median of the pairs' ratios | {overhead * 100:+.1f}% "
-            f"| target < 5%; medians per pair: HTTP + JSON {wire_ms:.1f} ms, in the server's rollout "
-            f"{in_server_ms:+.1f} ms |",
+            f"| rollout {batch} through AsyncLLM | {direct_s:.3f} | |",
+            f"| the same through the server's RolloutService on that engine "
+            f"| {statistics.median(service['seconds']):.3f} | {service_ms:+.1f} ms, median of the differences |",
+            f"| the same over HTTP (RolloutClient) to the server | {statistics.median(http['seconds']):.3f} "
+            f"| HTTP + JSON {wire_ms:.1f} ms (client's time less the server's own); same completions: {same} |",
+            f"| server overhead over AsyncLLM: HTTP + JSON + RolloutService | {overhead * 100:+.1f}% "
+            f"| target < 5% (HTTP to the server's engine against this one's: {engines * 100:+.1f}%, "
+            "two engine instances) |",
         ]
     )
 
@@ -395,7 +397,7 @@ def main() -> None:
     )
     parser.add_argument("--serving-repeats", type=int, default=10, help="timed hot-swaps")
     parser.add_argument(
-        "--rollout-pairs", type=int, default=40, help="rollouts timed over HTTP and through AsyncLLM, in turn"
+        "--rollout-pairs", type=int, default=40, help="rounds of rollouts timed each way (HTTP, AsyncLLM, service)"
     )
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs/bench-compare", help="models, runs, results")
     parser.add_argument(

@@ -5,23 +5,28 @@ engine settings, taken in turn so that both meet the same machine. Run by bench/
     .venv/bin/python bench/direct_rollouts.py REQUEST.json RESULT.json
 
 REQUEST.json: {"url" (the server, serving no adapter yet), "server" (its settings: ServerConfig
-fields), "model", "prompt_token_ids", "n", "max_tokens", "temperature", "seed", "repeats"}. The
-engine here is built as rollout_server.engine.VllmEngine builds it from those settings, and its
-processes spin idle as long as the server's do (rollout_server/idle_spin.py). Each prompt i is sent
-as the server sends it: one request of n completions seeded seed + i * n, the sampled token's
-logprob at every position, the final output only, all prompts at once; on the event loop the
-server runs on. From the base model: one warm-up batch each way, then `repeats` pairs, HTTP first
-in even pairs and direct first in odd ones (whichever goes second meets a machine the first has
-just warmed). A batch on 2 cores varies by +-50% from one to the next, so the overhead is read
-from each pair's ratio, not from the two ways' separate medians.
+fields), "model", "prompt_token_ids", "n", "max_tokens", "temperature", "seed", "repeats"}. An
+engine is built here as the server builds it (rollout_server.engine.VllmEngine, the same
+settings; its processes spin idle as long as the server's do, rollout_server/idle_spin.py).
+Three ways, `repeats` rounds of each in rotating order, from the base model after a warm-up each:
 
-Each HTTP rollout also reads the server's own time for it (its `rollout_latency_seconds`, from
-request validated to response built), which splits the overhead into the server's rollout
-(engine wrapper and bookkeeping) and HTTP + JSON at both ends.
+- http: the server, as the learner's RolloutClient asks it; with the server's own time for each
+  (its `rollout_latency_seconds`, from request validated to response built), so that the
+  difference is HTTP + JSON at both ends;
+- direct: vLLM's AsyncLLM of the engine here, each prompt i sent as the server sends it (one
+  request of n completions seeded seed + i * n, the sampled token's logprob at every position,
+  the final output only, all prompts at once);
+- service: the server's RolloutService over that same engine, in this process (no HTTP).
+
+The server's overhead over AsyncLLM is then HTTP + JSON plus service against direct: both on one
+engine, so that the difference is the server's own code. http against direct compares two engine
+instances (the server's and this one), which differ by more than that on 2 cores (a batch varies
++-50% from one to the next; each instance pins its worker's threads by itself), so it is reported
+but not read as the overhead.
 
 RESULT.json: {"http": {"seconds": [...], "server_seconds": [...], "token_ids": the last batch's
-completions, per prompt}, "direct": {"seconds": [...], "token_ids": ...}}; seconds[i] of both ways
-form pair i.
+completions, per prompt}, "direct": {"seconds": [...], "token_ids": ...}, "service": {"seconds":
+[...]}}; seconds[i] of every way form round i.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ import httpx
 import uvloop
 
 from learner.rollout_client import RolloutClient
-from rollout_server.engine import engine_args
+from rollout_server.engine import VllmEngine
 from rollout_server.idle_spin import IDLE_SPIN_VAR, limit_idle_spin_from_env
+from rollout_server.service import RolloutService
 from shared.config import ServerConfig
 from shared.schemas import RolloutRequest
 
@@ -94,13 +100,26 @@ def http_rollout(client: RolloutClient, request: dict) -> tuple[float, list[list
     return seconds, [[c.token_ids for c in r.completions] for r in response.results]
 
 
-async def measure(request: dict) -> dict:
-    from vllm.v1.engine.async_llm import AsyncLLM
+async def service_rollout(service: RolloutService, request: dict) -> float:
+    """Seconds for the same batch through the server's RolloutService, in this process."""
+    body = RolloutRequest(
+        prompt_token_ids=request["prompt_token_ids"],
+        n=request["n"],
+        max_tokens=request["max_tokens"],
+        temperature=request["temperature"],
+        seed=request["seed"],
+    )
+    start = time.perf_counter()
+    await service.rollout(body)
+    return time.perf_counter() - start
 
+
+async def measure(request: dict) -> dict:
     cfg = ServerConfig(model=request["model"], **request["server"])
     os.environ[IDLE_SPIN_VAR] = str(cfg.engine_idle_spin_s)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # as the server sets it on CPU
-    llm = AsyncLLM.from_engine_args(engine_args(cfg, "cpu"))  # the server's own arguments
+    engine = VllmEngine(cfg)  # the server's engine, with the server's arguments
+    llm = engine.async_llm
+    service = RolloutService(cfg, engine)  # the server's rollout path on that engine, without HTTP
     client = RolloutClient(request["url"])
     # Before each rollout the other engine's processes stop spinning (engine_idle_spin_s after their
     # last message), so that neither way pays for the other's.
@@ -109,26 +128,30 @@ async def measure(request: dict) -> dict:
         # The learner's client blocks; nothing else runs on this loop meanwhile.
         http_rollout(client, request)  # warm-up
         await direct_rollout(llm, request)
-        http_s, server_s, direct_s = [], [], []
+        await service_rollout(service, request)
+        http_s, server_s, direct_s, service_s = [], [], [], []
         for i in range(request["repeats"]):
-            ways = ["http", "direct"] if i % 2 == 0 else ["direct", "http"]
-            for way in ways:
+            ways = ["http", "direct", "service"]
+            for way in ways[i % 3 :] + ways[: i % 3]:
                 await asyncio.sleep(settle_s)
                 if way == "http":
                     before = server_rollout_seconds(request["url"])
                     seconds, http_ids = http_rollout(client, request)
                     server_s.append(server_rollout_seconds(request["url"]) - before)
                     http_s.append(seconds)
-                else:
+                elif way == "direct":
                     seconds, direct_ids = await direct_rollout(llm, request)
                     direct_s.append(seconds)
+                else:
+                    service_s.append(await service_rollout(service, request))
         return {
             "http": {"seconds": http_s, "server_seconds": server_s, "token_ids": http_ids},
             "direct": {"seconds": direct_s, "token_ids": direct_ids},
+            "service": {"seconds": service_s},
         }
     finally:
         client.close()
-        llm.shutdown()
+        engine.shutdown()
 
 
 def main() -> None:

@@ -140,6 +140,11 @@ class VllmEngine:
         # is larger (Qwen's embeddings have rows no token uses).
         self.vocab_size = max(self._llm.model_config.get_vocab_size(), self._tokenizer.max_token_id + 1)
 
+    @property
+    def async_llm(self):
+        """The vLLM AsyncLLM this engine drives (bench/direct_rollouts.py compares the server with it)."""
+        return self._llm
+
     def tokenize(self, prompt: Prompt) -> list[int]:
         return prompt_token_ids(self._tokenizer, prompt)
 
