@@ -85,15 +85,20 @@ def server_rollout_seconds(url: str) -> float:
     return float(re.search(r"^rollout_latency_seconds_sum (\S+)$", text, re.MULTILINE).group(1))
 
 
-def http_rollout(client: RolloutClient, request: dict) -> tuple[float, list[list[list[int]]]]:
-    """Seconds for the same batch through the server, and its token ids."""
-    body = RolloutRequest(
+def rollout_body(request: dict) -> RolloutRequest:
+    """The batch of REQUEST.json as the server takes it."""
+    return RolloutRequest(
         prompt_token_ids=request["prompt_token_ids"],
         n=request["n"],
         max_tokens=request["max_tokens"],
         temperature=request["temperature"],
         seed=request["seed"],
     )
+
+
+def http_rollout(client: RolloutClient, request: dict) -> tuple[float, list[list[list[int]]]]:
+    """Seconds for the same batch through the server, and its token ids."""
+    body = rollout_body(request)
     start = time.perf_counter()
     response = client.generate(body, expected_version=0)
     seconds = time.perf_counter() - start
@@ -102,13 +107,7 @@ def http_rollout(client: RolloutClient, request: dict) -> tuple[float, list[list
 
 async def service_rollout(service: RolloutService, request: dict) -> float:
     """Seconds for the same batch through the server's RolloutService, in this process."""
-    body = RolloutRequest(
-        prompt_token_ids=request["prompt_token_ids"],
-        n=request["n"],
-        max_tokens=request["max_tokens"],
-        temperature=request["temperature"],
-        seed=request["seed"],
-    )
+    body = rollout_body(request)
     start = time.perf_counter()
     await service.rollout(body)
     return time.perf_counter() - start
