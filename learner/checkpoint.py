@@ -29,7 +29,7 @@ import torch
 from peft import PeftModel
 
 from learner.distributed import Distributed
-from learner.model import ADAPTER_WEIGHTS, load_adapter_weights, next_version, save_adapter, version_dir
+from learner.model import ADAPTER_WEIGHTS, load_adapter_weights, save_adapter, save_next_version
 from learner.prompts import PromptSampler
 from learner.run_log import drop_samples_after, drop_steps_after
 from shared.config import LearnerConfig
@@ -156,8 +156,7 @@ def restore(
             log.info("--resume auto: no checkpoint under %s, starting at step 1", cfg.output_dir / "checkpoints")
         if cfg.init_adapter is None:
             return TrainState(0, 0, None)
-        (version,) = ranks.main_ints([next_version(adapter_root)])
-        adapter = save_adapter(policy, adapter_root, version) if ranks.is_main else version_dir(adapter_root, version)
+        version, adapter = save_next_version(policy, adapter_root, ranks)
         ranks.barrier()  # on disk before any rank serves it
         return TrainState(0, version, adapter)
 

@@ -14,7 +14,7 @@ from learner import checkpoint, reward_funcs
 from learner.distributed import Distributed
 from learner.evaluate import Evaluation
 from learner.learn import learn_from
-from learner.model import eos_token_ids, next_version, save_adapter, version_dir
+from learner.model import eos_token_ids, save_next_version
 from learner.prompts import PromptEncoder, PromptSampler, Row
 from learner.rollout_client import RolloutClient
 from learner.run_log import RunLog, StepFigures
@@ -107,8 +107,7 @@ def run(
 def _save_and_serve(policy: PeftModel, adapter_root: Path, server: ServerLink, ranks: Distributed) -> Path:
     """Save `policy`'s adapter as the next version under `adapter_root` (rank 0 alone writes it)
     and serve it from now on (_serve); returns its directory, on every rank."""
-    (version,) = ranks.main_ints([next_version(adapter_root)])  # rank 0's number: the directory it writes
-    adapter_dir = save_adapter(policy, adapter_root, version) if ranks.is_main else version_dir(adapter_root, version)
+    version, adapter_dir = save_next_version(policy, adapter_root, ranks)
     _serve(adapter_dir, version, server, ranks)
     return adapter_dir
 

@@ -18,6 +18,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
+from learner.distributed import Distributed
 from shared.config import LearnerConfig
 from shared.errors import ConfigError
 
@@ -215,6 +216,15 @@ def next_version(adapter_root: Path) -> int:
 def version_dir(adapter_root: Path, version: int) -> Path:
     """Where version `version` of the adapter is saved: `adapter_root/v{version:06d}`."""
     return adapter_root / f"v{version:06d}"
+
+
+def save_next_version(model: PeftModel, adapter_root: Path, ranks: Distributed = Distributed()) -> tuple[int, Path]:
+    """Save the adapter as the next version under `adapter_root` (save_adapter); under torchrun
+    rank 0 alone writes it, and every rank gets rank 0's number and the directory it writes (not
+    yet on disk on the other ranks: their caller meets rank 0 at a barrier before reading it)."""
+    (version,) = ranks.main_ints([next_version(adapter_root)])
+    adapter_dir = save_adapter(model, adapter_root, version) if ranks.is_main else version_dir(adapter_root, version)
+    return version, adapter_dir
 
 
 def save_adapter(model: PeftModel, adapter_root: Path, version: int) -> Path:
