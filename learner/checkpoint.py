@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from peft import PeftModel
@@ -43,6 +44,13 @@ _VERSION = re.compile(r"v(\d+)")
 _TEMP = re.compile(r"\.(step-\d+|v\d+|removing)-")  # save_adapter's, save's and _remove's temp dirs
 
 
+class DataPosition(Protocol):
+    """Where the run stands in its data: a PromptSampler, or learner.overlap.Rollouts (the sampler
+    as of the last step taken, not of a batch asked for ahead)."""
+
+    def state_dict(self) -> dict: ...
+
+
 @dataclass(frozen=True)
 class TrainState:
     """Where a run stands after `step` steps."""
@@ -60,7 +68,7 @@ def save_if_due(
     state: TrainState,
     policy: PeftModel,
     optimizer: torch.optim.Optimizer,
-    prompts: PromptSampler,
+    prompts: DataPosition,
     ranks: Distributed = Distributed(),
 ) -> Path | None:
     """Every `cfg.save_steps` steps, checkpoint `state` and keep the newest `cfg.save_total_limit`.
@@ -76,7 +84,7 @@ def save_if_due(
 
 
 def save(
-    root: Path, state: TrainState, policy: PeftModel, optimizer: torch.optim.Optimizer, prompts: PromptSampler
+    root: Path, state: TrainState, policy: PeftModel, optimizer: torch.optim.Optimizer, prompts: DataPosition
 ) -> Path:
     """Write `root/step-{state.step:06d}` atomically: a temp dir, then a rename that fails rather than
     overwrite an existing checkpoint. Safe against the process dying, not against power loss (no fsync)."""

@@ -1,4 +1,5 @@
-"""The GRPO loop: sample, score, normalize, update, save, hot-swap, in that order, every step."""
+"""The GRPO loop: sample, score, normalize, update, save, hot-swap, in that order, every step
+(with `overlap`, the next step's sampling runs during the rest: learner.overlap)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from learner.distributed import Distributed
 from learner.evaluate import Evaluation
 from learner.learn import learn_from
 from learner.model import eos_token_ids, save_next_version
+from learner.overlap import Rollouts
 from learner.prompts import PromptEncoder, PromptSampler, Row
 from learner.rollout_client import RolloutClient
 from learner.run_log import RunLog, StepFigures
@@ -55,6 +57,7 @@ def run(
     start = checkpoint.restore(cfg, policy, optimizer, prompts, ranks)  # step 0, or a checkpoint's step
     saved = start.adapter  # None: a fresh LoRA is a no-op, so step 1 samples the base
     log = RunLog(cfg, done=start.step, ranks=ranks)  # writes on rank 0 only
+    rollouts = Rollouts(server, prompts, encode, cfg, ranks)  # this rank's share, one step ahead with overlap
     try:
         if saved:
             _serve(saved, start.version, server, ranks)
@@ -62,10 +65,8 @@ def run(
             evaluation.after_step(0, server, log)  # the base model, before any update
         for step in range(start.step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
-            batch = ranks.shard(prompts.next_batch())  # this rank's share of the step's prompts
-            prompt_ids_P = [encode.prompt(row) for row in batch]
-            first = ranks.rank * len(batch)  # the shard's first prompt in the step: its seeds
-            rollout = server.rollout(encode.rollout_request(prompt_ids_P, server.adapter, step, first_prompt=first))
+            sampled = rollouts.take(step)
+            batch, prompt_ids_P, rollout = sampled.rows, sampled.prompt_ids_P, sampled.rollout
             server.sleep()  # the learner takes the GPU (with sleep_server)
             completions = [r.completions for r in rollout.results]
             t1 = time.perf_counter()
@@ -93,12 +94,14 @@ def run(
             server.post_scores(rollout.rollout_id, learned.sample_scores(step), step)  # this rank's rollout
             scored, updated, swapped = learned.score_s, t2 - t1 - learned.score_s, time.perf_counter() - t2
             times = {"generate": t1 - t0, "score": scored, "update": updated, "swap": swapped}
-            whole = StepFigures.of(rollout, learned).gather(ranks)  # collectives: on every rank
+            lag = {"staleness": sampled.staleness, "stale_dropped": sampled.stale_dropped}
+            whole = StepFigures.of(rollout, learned, **lag).gather(ranks)  # collectives: on every rank
             log.step(step, server.version, rollout, learned, times, prompts=[row.prompt for row in batch], whole=whole)
             evaluation.after_step(step, server, log)
             state = checkpoint.TrainState(step, server.version, saved)
-            checkpoint.save_if_due(cfg, state, policy, optimizer, prompts, ranks)
+            checkpoint.save_if_due(cfg, state, policy, optimizer, rollouts, ranks)
     finally:
+        rollouts.close()
         server.close()
         log.close()
     return saved

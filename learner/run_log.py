@@ -45,9 +45,16 @@ class StepFigures:
     """Each completion's token count (its end-of-sequence token included), int64."""
     clipped_N: Tensor
     """1 where a completion stopped at max_tokens, else 0; int64."""
+    staleness: int = 0
+    """Versions between the one that sampled the completions and the policy they trained
+    (learner.overlap; 0: on-policy)."""
+    stale_dropped: int = 0
+    """Completions sampled for the step and dropped as too stale (learner.overlap)."""
 
     @classmethod
-    def of(cls, rollout: RolloutResponse, learned: Learned) -> StepFigures:
+    def of(
+        cls, rollout: RolloutResponse, learned: Learned, *, staleness: int = 0, stale_dropped: int = 0
+    ) -> StepFigures:
         """The figures of `rollout`'s completions and `learned`'s scores of them."""
         completions_N = [c for result in rollout.results for c in result.completions]
         return cls(
@@ -55,6 +62,8 @@ class StepFigures:
             learned.components_P_G,
             torch.tensor([len(c.token_ids) for c in completions_N], dtype=torch.int64),
             torch.tensor([c.finish_reason == "length" for c in completions_N], dtype=torch.int64),
+            staleness,
+            stale_dropped,
         )
 
     def gather(self, ranks: Distributed) -> StepFigures:
@@ -62,12 +71,15 @@ class StepFigures:
         order); these figures themselves when alone. Collectives: every rank calls it at the same
         point of a step (never rank 0 alone, or the ranks wait on each other forever)."""
         G = self.rewards_P_G.shape[1]
+        lag_R_2 = ranks.gather(torch.tensor([self.staleness, self.stale_dropped], dtype=torch.int64)).view(-1, 2)
         return StepFigures(
             ranks.gather(self.rewards_P_G.flatten()).view(-1, G),
             # the same names in the same order on every rank: reward_funcs.load(cfg)'s
             {name: ranks.gather(values_P_G.flatten()).view(-1, G) for name, values_P_G in self.components_P_G.items()},
             ranks.gather(self.completion_lens_N),
             ranks.gather(self.clipped_N),
+            int(lag_R_2[:, 0].max()),
+            int(lag_R_2[:, 1].sum()),
         )
 
 
@@ -132,6 +144,9 @@ class RunLog:
             "completion_len": whole.completion_lens_N.sum().item() / completions,
             # truncated at max_tokens: a high ratio means the budget, not the policy, ends completions
             "clipped_ratio": whole.clipped_N.sum().item() / completions,
+            # one-step-off overlap (learner.overlap): versions behind the policy; stale samples dropped
+            "staleness": whole.staleness,
+            "stale_dropped": whole.stale_dropped,
             "completions_per_s": completions / sum(seconds.values()),
             **vars(learned.stats),
             **{f"time_{k}": v for k, v in seconds.items()},

@@ -3,6 +3,9 @@
 Routing. A step's rollout goes out as one request per prompt (n = K: a group stays on one replica),
 all at once, each to the replica in rotation with the fewest requests in flight. Prompt i keeps the
 seeds one request of every prompt would give it, so the completions do not depend on the routing.
+A rollout is pinned to the version live when it is asked for (`pinned`); one asked for ahead of
+time (learner.overlap) may outlive its version: a replica that no longer serves it answers 409,
+and the rollout raises RetiredVersionError rather than take the replica out.
 
 Publishing. A version is served by every replica or by none. The learner loads it on each replica
 in rotation; each answers the version and the sha256 of the files it loaded, and the version goes
@@ -44,7 +47,7 @@ from learner.logprobs import scored_logprobs
 from learner.rollout_client import RolloutClient
 from shared.adapter_hash import adapter_sha256
 from shared.config import LearnerConfig
-from shared.errors import AdapterPublishError, RolloutServerError, StaleAdapterError
+from shared.errors import AdapterPublishError, RetiredVersionError, RolloutServerError, StaleAdapterError
 from shared.schemas import RolloutRequest, RolloutResponse, SampleScores
 
 log = logging.getLogger("grpo-learner")
@@ -95,9 +98,13 @@ class ServerLink:
         self._cfg = cfg
         self._canary = canary
         self._published: _Published | None = None
-        self._lock = threading.Lock()  # rotation and in-flight counts, across a rollout's threads
-        self._recovering = threading.Lock()  # one wait for a lost replica at a time
+        self._went_live = [0]  # every version live so far, in order: the base first
+        # Rotation, in-flight counts and _parts, across a rollout's threads and a rollout asked for
+        # ahead of time (learner.overlap) in another thread than the loop's.
+        self._lock = threading.Lock()
+        self._recovering = threading.Lock()  # one re-sync or wait for a lost replica at a time
         self._parts: dict[str, list[tuple[_Replica, str]]] = {}  # rollout id -> (replica, its rollout id)
+        self._closed = False
 
     @property
     def adapter(self) -> str | None:
@@ -109,18 +116,31 @@ class ServerLink:
         """The version rollouts must be stamped with (0: the base model)."""
         return self._published.version if self._published else 0
 
+    def versions_since(self, version: int) -> int:
+        """How many versions went live after `version` (0: it is the live one), whatever their
+        numbers (a run's first version follows the base, 0, with the number of its directory)."""
+        assert version in self._went_live, f"version {version} never went live here ({self._went_live})"
+        return len(self._went_live) - 1 - self._went_live.index(version)
+
+    def pinned(self, request: RolloutRequest) -> RolloutRequest:
+        """`request` pinned to the version live now: its adapter and version (the base: neither)."""
+        return request.model_copy(update={"adapter": self.adapter, "version": self.version if self.adapter else None})
+
     def rollout(self, request: RolloutRequest) -> RolloutResponse:
-        """Every prompt's completions, from the published version (one request per prompt)."""
+        """Every prompt's completions (one request per prompt), from the version `request` is
+        pinned to (`pinned`), else from the live one. RetiredVersionError if that version was
+        replaced before every prompt was sampled (possible only for a request pinned earlier)."""
         self._rejoin_recovered()
         self.wake()
-        pinned = self.version if request.adapter is not None else None
+        pinned = request.version if request.version is not None else (self.version if request.adapter else None)
         parts = [_one_prompt(request, i, pinned) for i in range(request.num_prompts)]
         with ThreadPoolExecutor(max_workers=len(parts)) as threads:
             answers = list(threads.map(self._rollout_part, parts))
         rollout_id = answers[0][1].rollout_id if len(answers) == 1 else uuid.uuid4().hex
-        self._parts[rollout_id] = [(replica, answer.rollout_id) for replica, answer in answers]
-        while len(self._parts) > RECENT_ROLLOUTS:
-            self._parts.pop(next(iter(self._parts)))
+        with self._lock:
+            self._parts[rollout_id] = [(replica, answer.rollout_id) for replica, answer in answers]
+            while len(self._parts) > RECENT_ROLLOUTS:
+                self._parts.pop(next(iter(self._parts)))
         return RolloutResponse(
             rollout_id=rollout_id,
             adapter=request.adapter,
@@ -159,6 +179,7 @@ class ServerLink:
                 ) from e
         if not took:
             self._wait_for_a_replica()  # its re-sync loads this version
+        self._went_live.append(version)
 
     def follow(self, adapter_dir: Path, version: int) -> None:
         """Serve `adapter_dir` as version `version` from now on, as another learner process (rank 0
@@ -170,6 +191,7 @@ class ServerLink:
         replicas would answer this link's pinned rollouts with 409 and leave its rotation.
         """
         self._published = _Published(adapter_dir, version, adapter_sha256(adapter_dir))
+        self._went_live.append(version)
 
     def sleep(self) -> None:
         """Let the learner have the GPU; the servers wake by themselves after `sleep_lease_s`
@@ -192,7 +214,8 @@ class ServerLink:
         if scores is None:
             log.warning("step %d: non-finite rewards or advantages, not posted to the sample log", step)
             return
-        parts = self._parts.pop(rollout_id, [])
+        with self._lock:
+            parts = self._parts.pop(rollout_id, [])
         for i, (replica, part_id) in enumerate(parts):
             part_scores = scores if len(parts) == 1 else _one_prompt_scores(scores, i)
             try:
@@ -204,7 +227,9 @@ class ServerLink:
 
     def close(self) -> None:
         """Wake the servers the learner left asleep (normal exit, error or Ctrl-C); a server that
-        cannot be reached is left to its lease."""
+        cannot be reached is left to its lease. A rollout still in flight in another thread
+        (learner.overlap) then fails rather than wait for a lost server to come back."""
+        self._closed = True
         for replica in self._replicas:
             if not replica.awake:
                 try:
@@ -216,13 +241,15 @@ class ServerLink:
     # --- calls on replicas --------------------------------------------------------------------
 
     def _rollout_part(self, request: RolloutRequest) -> tuple[_Replica, RolloutResponse]:
+        asked = request.version if request.adapter is not None else 0  # the base is version 0
         for _ in range(ATTEMPTS_PER_CALL + len(self._replicas)):
             replica = self._reserve_least_busy()
             try:
                 return replica, self._call(
                     replica,
-                    lambda c: c.generate(request, expected_version=self.version),
+                    lambda c: c.generate(request, expected_version=asked),
                     fell_behind=request.version is not None,  # else a 409 is the request's own fault
+                    asked=asked,
                 )
             except _ReplicaLost:
                 continue
@@ -257,12 +284,24 @@ class ServerLink:
             replica.client.wake_up()
             replica.awake = True
 
-    def _call(self, replica: _Replica, call: Callable[[RolloutClient], T], *, fell_behind: bool = True) -> T:
+    def _call(
+        self,
+        replica: _Replica,
+        call: Callable[[RolloutClient], T],
+        *,
+        fell_behind: bool = True,
+        asked: int | None = None,
+    ) -> T:
         """`call(client)`; a lost replica is taken out of rotation (_ReplicaLost), as is one that
-        answers 409 if `fell_behind` (a rollout pinned to a version it does not serve)."""
+        answers 409 if `fell_behind` (a rollout pinned to a version it does not serve). A rollout
+        of version `asked` answered 409 after the live version moved on raises RetiredVersionError."""
         try:
             return call(replica.client)
         except RolloutServerError as e:
+            if e.status_code == 409 and asked is not None and asked != self.version:
+                raise RetiredVersionError(
+                    f"{replica.url} no longer serves version {asked}: version {self.version} replaced it"
+                ) from e
             if not (_replica_lost(e) or (fell_behind and e.status_code == 409)):
                 raise
             self._take_out(replica, e)
@@ -295,9 +334,10 @@ class ServerLink:
 
     def _rejoin_recovered(self) -> None:
         """Re-sync and put back the replicas out of rotation that answer /health again (no wait)."""
-        for replica in self._replicas:
-            if not replica.in_rotation and replica.client.is_healthy():
-                self._try_resync(replica)
+        with self._recovering:
+            for replica in self._replicas:
+                if not replica.in_rotation and replica.client.is_healthy():
+                    self._try_resync(replica)
 
     def _wait_for_a_replica(self) -> None:
         """Block until some replica is in rotation again, polling the others' /health with backoff
@@ -305,6 +345,8 @@ class ServerLink:
         with self._recovering:
             deadline, pause = time.monotonic() + self._cfg.server_wait_s, 0.5
             while not self._in_rotation():
+                if self._closed:
+                    raise RolloutServerError(0, "the learner closed its link to the rollout servers")
                 lost = [r for r in self._replicas if not r.in_rotation]
                 log.warning("no rollout server in rotation; waiting for %s", ", ".join(r.url for r in lost))
                 for replica in lost:

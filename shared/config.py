@@ -246,6 +246,14 @@ class LearnerConfig(_Strict):
     """Put the server to sleep while the learner scores and updates (one shared GPU). Off under
     torchrun with more than one rank: the ranks sample at different times, and a sleep one rank
     asked for would fail another's rollouts (503)."""
+    overlap: bool = False
+    """One-step-off: sample step t+1 (from the version before step t's update) while step t
+    trains, so sampling and training overlap; the importance weights against the sampler's
+    log-probabilities correct for the one version of lag (see learner.overlap). Needs servers on
+    other devices than the learner: sleep_server off."""
+    max_staleness: int = Field(1, ge=1)
+    """With overlap: a rollout more than this many versions behind the policy it would train is
+    dropped (counted in `stale_dropped`) and its prompts sampled again from the live version."""
     sleep_lease_s: float = Field(900.0, gt=0)
     """A sleeping server wakes by itself this long after the learner's /sleep, so a learner that
     dies (kill -9) cannot leave it asleep; longer than a step's scoring and update."""
@@ -331,6 +339,15 @@ class LearnerConfig(_Strict):
             raise ValueError("eval_steps evaluates on held-out rows: give eval_data or eval_fraction")
         if self.answer_key is not None and self.mode != "supervised":
             raise ValueError("answer_key names the answer column of supervised mode")
+        return self
+
+    @model_validator(mode="after")
+    def _overlap_without_sleep(self) -> LearnerConfig:
+        if self.overlap and self.sleep_server:
+            raise ValueError(
+                "overlap samples while the learner trains, and a sleeping server samples nothing: set "
+                "sleep_server false (--no-sleep-server), with the servers on other devices than the learner"
+            )
         return self
 
     @model_validator(mode="after")

@@ -74,6 +74,12 @@ class StaleAdapterError(GrpoError, RuntimeError):
     """The server served a policy version other than the one the learner expected."""
 
 
+class RetiredVersionError(GrpoError, LookupError):
+    """A rollout asked for ahead of time was pinned to an adapter version that a newer one replaced
+    before every prompt was sampled: a server answered 409 for it, as it serves the live version.
+    Ask again, pinned to the live version."""
+
+
 class AdapterBusyError(GrpoError, RuntimeError):
     """Loading a version would need more adapters on the engine than it has slots (max_loras) while
     older versions still serve requests; retry once they finish (HTTP 409)."""

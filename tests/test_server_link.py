@@ -3,106 +3,17 @@ recovery from restarts landing at chosen calls."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from learner.server_link import ServerLink
 from shared.adapter_hash import adapter_sha256
 from shared.config import LearnerConfig
-from shared.errors import AdapterPublishError, RolloutServerError
-from shared.schemas import Completion, PromptRollout, RolloutRequest, RolloutResponse, SampleScores
-
-
-class ScriptedServer:
-    """The client of one rollout server under the adapter root `root`. A server that dies comes
-    back fresh (awake, no adapter) at the next /health probe, as a supervisor would restart it."""
-
-    def __init__(self, url: str, root: Path) -> None:
-        self.base_url, self.root = url, root
-        self.alive, self.sleeping, self.card = True, False, None
-        self.calls: list[str] = []
-        self.die_before: str | None = None  # the next call of this name finds the server dead
-        self.refuse_loads = False
-        self.rollouts: list[RolloutRequest] = []
-        self.posted: list[tuple[str, SampleScores]] = []
-
-    def _enter(self, name: str) -> None:
-        self.calls.append(name)
-        if self.die_before == name:
-            self.die_before, self.alive = None, False
-        if not self.alive:
-            raise RolloutServerError(0, "connection refused")
-
-    def is_healthy(self, timeout_s: float = 2.0) -> bool:
-        self.calls.append("is_healthy")
-        if not self.alive:
-            self.alive, self.sleeping, self.card = True, False, None
-        return True
-
-    def wake_up(self) -> None:
-        self._enter("wake_up")
-        self.sleeping = False
-
-    def wake_up_on_exit(self) -> None:
-        self.wake_up()
-
-    def sleep(self, level: int = 1, lease_s: float | None = None) -> None:
-        self._enter("sleep")
-        self.sleeping = True
-
-    def served(self, name: str):
-        self._enter("served")
-        return self.card
-
-    def load_adapter(self, name: str, path: str, *, version: int | None = None):
-        self._enter("load_adapter")
-        if self.sleeping:
-            raise RolloutServerError(503, "the server is asleep")
-        if self.refuse_loads:
-            raise RolloutServerError(400, f"cannot read {path}")
-        self.card = SimpleNamespace(version=version, sha256=adapter_sha256(self.root / path))
-        return self.card
-
-    def unload_adapter(self, name: str) -> None:
-        self._enter("unload_adapter")
-        self.card = None
-
-    def generate(self, request: RolloutRequest, *, expected_version: int) -> RolloutResponse:
-        self._enter("generate")
-        served = self.card.version if self.card else None
-        if request.version is not None and served != request.version:
-            raise RolloutServerError(409, f"serves version {served}, not {request.version}")
-        self.rollouts.append(request)
-        (ids,) = request.prompt_token_ids
-        completions = [
-            Completion(text="", token_ids=[request.seed + j], logprobs=[-1.0], finish_reason="length")
-            for j in range(request.n)
-        ]
-        return RolloutResponse(
-            rollout_id=f"{self.base_url}-{len(self.rollouts)}",
-            adapter=request.adapter,
-            policy_version=served or 0,
-            results=[PromptRollout(prompt=None, prompt_token_ids=ids, completions=completions)],
-            created_at=datetime.now(UTC),
-        )
-
-    def post_scores(self, rollout_id: str, scores: SampleScores) -> None:
-        self.posted.append((rollout_id, scores))
-
-
-def save(root: Path, version: int, content: bytes) -> Path:
-    adapter = root / f"v{version:06d}"
-    adapter.mkdir(parents=True)
-    (adapter / "adapter_model.safetensors").write_bytes(content)
-    return adapter
-
-
-def pool(tmp_path: Path, count: int) -> tuple[ServerLink, list[ScriptedServer]]:
-    servers = [ScriptedServer(f"http://replica-{i}", tmp_path) for i in range(count)]
-    return ServerLink(servers, LearnerConfig(), canary=lambda client, adapter, version: 0.0), servers
+from shared.errors import AdapterPublishError, RetiredVersionError
+from shared.schemas import RolloutRequest, SampleScores
+from tests.scripted_servers import pool, save
 
 
 def request(link: ServerLink, prompts: int = 4, n: int = 2) -> RolloutRequest:
@@ -209,3 +120,43 @@ def test_a_follower_pins_the_version_another_link_published_and_resyncs_with_it(
     follower.rollout(request(follower))
     follower.rollout(request(follower))
     assert (servers[1].card.version, servers[1].card.sha256) == (1, adapter_sha256(v1))
+
+
+def test_a_rollout_pinned_to_a_replaced_version_is_retired_and_no_replica_taken_out(tmp_path: Path) -> None:
+    # A rollout asked for ahead (learner.overlap) whose prompts reach the replicas after a publish.
+    link, servers = pool(tmp_path, 2)
+    link.publish(save(tmp_path, 1, b"one"), 1)
+    pinned = link.pinned(request(link))
+    assert (pinned.adapter, pinned.version) == ("policy", 1)
+    for server in servers:
+        server.release.clear()
+    outcome: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _catch(outcome, lambda: link.rollout(pinned)))
+    thread.start()
+    link.publish(save(tmp_path, 2, b"two"), 2)
+    for server in servers:
+        server.release.set()
+    thread.join(timeout=30)
+    assert len(outcome) == 1 and isinstance(outcome[0], RetiredVersionError), outcome
+    assert "version 2 replaced it" in str(outcome[0])
+    # Both replicas serve version 2 and stay in rotation: the next rollout reaches both, nothing re-pushed.
+    loads = [s.calls.count("load_adapter") for s in servers]
+    for server in servers:
+        server.rollouts.clear()
+    assert link.rollout(request(link)).policy_version == 2
+    assert all(s.rollouts for s in servers) and [s.calls.count("load_adapter") for s in servers] == loads
+
+
+def test_versions_since_counts_versions_gone_live_not_their_numbers(tmp_path: Path) -> None:
+    link, _ = pool(tmp_path, 1)
+    assert link.versions_since(0) == 0
+    link.publish(save(tmp_path, 5, b"five"), 5)  # a run whose first directory is v000005
+    link.publish(save(tmp_path, 6, b"six"), 6)
+    assert [link.versions_since(v) for v in (0, 5, 6)] == [2, 1, 0]
+
+
+def _catch(outcome: list[BaseException], call) -> None:
+    try:
+        call()
+    except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+        outcome.append(e)
