@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from learner import loop
 from learner.data import load_data, load_rows
 from learner.model import load_policy
+from learner.prompts import PromptSampler
 from learner.rollout_client import RolloutClient
 from shared.config import LearnerConfig
 from tests.servers import served_client
@@ -182,3 +184,48 @@ def test_the_cli_trains_on_parquet_chat_prompts_with_a_reward_function_by_path_a
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert {"reward_mean", "eval/reward_mean", "rewards/exact_match/mean"} <= set(events.Tags()["scalars"])
+
+
+def test_one_step_off_overlap_trains_each_step_one_version_behind_within_the_bound(
+    tiny_model_dir: Path, run_dir: Path, client: RolloutClient
+) -> None:
+    """--overlap: step t + 1 samples during step t (from the version before its update), while
+    evaluation rollouts run beside it; a checkpoint taken meanwhile keeps the step's data position."""
+    from learner.cli import main
+
+    out = run_dir  # the server's adapter root
+    metrics = out / "metrics.jsonl"
+    before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    version_before = client.served_version("policy") or 0
+    try:
+        main(
+            [
+                *("--mode", "supervised", "--data", "examples/supervised.jsonl", "--model", str(tiny_model_dir)),
+                *("--server-url", str(client._http.base_url), "--output-dir", str(out), "--steps", "3"),
+                *("--overlap", "--no-sleep-server", "--save-steps", "2", "--learning-rate", "1e-2"),
+                *("--prompts-per-step", "2", "--sampling-n", "4", "--sampling-max-tokens", "6", "--sample-every", "0"),
+                *("--eval-fraction", "0.2", "--eval-steps", "1"),
+            ]
+        )
+        state = json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    finally:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the module's later runs start fresh here
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()[before:]]
+    train = [r for r in rows if "reward_mean" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    # Step 1 samples the base on its own; steps 2 and 3 were sampled during the step before, one version behind.
+    assert [r["staleness"] for r in train] == [0, 1, 1] and all(r["stale_dropped"] == 0 for r in train)
+    assert [r["policy_version"] for r in train] == [version_before + s for s in (1, 2, 3)]
+    for row in train:
+        assert row["skipped"] is False and row["is_weight"] > 0 and row["is_weight_p99"] > 0
+    assert [r["step"] for r in rows if "eval/reward_mean" in r] == [0, 1, 2, 3]
+    # Resuming at step 3 draws step 3's prompts again: the checkpoint is at step 2's position, not step 3's.
+    samples_3 = json.loads((out / "samples" / "step_000003.jsonl").read_text())
+    sampler = PromptSampler(
+        load_data(LearnerConfig(mode="supervised", eval_fraction=0.2, data=Path("examples/supervised.jsonl"))).train,
+        2,
+        0,
+    )
+    sampler.load_state_dict(state["prompts"])
+    assert [row.prompt for row in sampler.next_batch()] == [r["prompt"] for r in samples_3["results"]]
