@@ -1,5 +1,6 @@
-"""Session fixtures: the tiny models, built once per test session (no hub, seeded), and the real
-server the user-facing routes' tests share (one vLLM start instead of one per file)."""
+"""Session fixtures: the tiny models, built once per test session (no hub, seeded), the real
+server the user-facing routes' tests share, and the two real replicas the replica pool's and
+torchrun's tests share (one vLLM start instead of one per file)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from learner.local_server import local_rollout_server
 from learner.tiny_model import build_tiny_model
 from tests.peft_adapters import random_adapter
+from tests.servers import ReplicaServers
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +62,23 @@ def keyed_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         )
         assert r.status_code == 200, r.text
         yield server
+
+
+REPLICA_MAX_LORA_RANKS = [16, 8]
+"""Replica 1 refuses an adapter of rank 16 (a version one replica cannot take); the learner's
+rank-8 LoRA fits both."""
+
+
+@pytest.fixture(scope="session")
+def replica_servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaServers]:
+    """Two servers of the tiny model in float32 (the learner's dtype on CPU) sharing one adapter
+    root. Tests leave them serving (a test that kills one restarts it), and each writes its
+    adapters under names of its own: the adapter root, the sample logs and the served 'policy'
+    version hold what earlier tests left."""
+    root = tmp_path_factory.mktemp("replicas")
+    args = [["--dtype", "float32", "--max-lora-rank", str(rank)] for rank in REPLICA_MAX_LORA_RANKS]
+    servers = ReplicaServers(tiny_model_dir, root / "adapters", root, args)
+    try:
+        yield servers
+    finally:
+        servers.close()

@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 
 from learner.local_server import descendants, free_port, local_rollout_server, wait_healthy
 from learner.rollout_client import RolloutClient
+from shared.lifeline import die_with_parent
 
 
 @contextmanager
@@ -57,6 +58,50 @@ def server_process(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+@contextmanager
+def group_server(
+    model_dir: Path, adapter_root: Path, log_path: Path, *, port: int, args: Sequence[str] = ()
+) -> Iterator[subprocess.Popen]:
+    """A real `grpo-rollout-server` on 127.0.0.1:`port` (no API key) leading a process group of its
+    own, once healthy: as `local_rollout_server` starts one (vLLM's engine core and worker join the
+    group; a parent-death signal), but on a given port and handing out its process, for tests that
+    kill the whole group by pid and start another server in its place. The group is killed on exit."""
+    cmd = [sys.executable, "-m", "rollout_server.cli", "--model", str(model_dir), "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--adapter-root", str(adapter_root), *args]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = log_path.stat().st_size if log_path.exists() else 0
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "ROLLOUT_API_KEY": ""},
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", log_path, start, 300)
+        yield proc
+    finally:
+        kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> set[int]:
+    """SIGKILL the process group `proc` leads (and any process below it that left the group), then
+    reap `proc`; returns the pids killed. Nothing is sent once `proc` has been reaped: its pid, and
+    so the group's id, may be another process's by then."""
+    if proc.poll() is not None:
+        return set()
+    tree = descendants(proc.pid) | {proc.pid}  # before the kill: orphans are no longer below proc
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in tree - {proc.pid}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return tree
 
 
 K = TypeVar("K")
@@ -179,6 +224,49 @@ class StartAhead(Generic[K, V]):
         with ExitStack() as closing:  # every one, even if closing one raises
             while self._open:
                 closing.callback(self._open.popitem()[1].close)
+
+
+class ReplicaServers:
+    """Real rollout servers of one model sharing one adapter root (as replicas on a shared volume
+    do), started together, each on 127.0.0.1 at a port that stays its own across a restart (its
+    clients keep working), leading a process group of its own (`group_server`)."""
+
+    def __init__(self, model_dir: Path, adapter_root: Path, log_dir: Path, args: Sequence[Sequence[str]]) -> None:
+        """`args[i]`: replica i's server flags, the same at every start."""
+        self.adapter_root = adapter_root
+        adapter_root.mkdir(parents=True, exist_ok=True)
+        self._model_dir, self._log_dir, self._args = model_dir, log_dir, args
+        self._ports = [free_port() for _ in args]
+        self._held = [self._start(i) for i in range(len(args))]
+
+    def _start(self, i: int) -> _Held[subprocess.Popen]:
+        log_path = self._log_dir / f"server-{i}.log"  # appended to by each start
+        return _Held(
+            lambda: group_server(self._model_dir, self.adapter_root, log_path, port=self._ports[i], args=self._args[i])
+        )
+
+    def urls(self) -> list[str]:
+        """Each replica's URL, once every one answers /health (a restarted one may still be starting)."""
+        for held in self._held:
+            held.value()
+        return [f"http://127.0.0.1:{port}" for port in self._ports]
+
+    def kill(self, i: int) -> set[int]:
+        """SIGKILL replica i's whole process group (the server, its engine core and worker) by pid;
+        returns the pids killed."""
+        killed = kill_group(self._held[i].value())
+        self._held[i].close()  # nothing left to stop
+        return killed
+
+    def restart(self, i: int) -> None:
+        """Start replica i again, with its flags and on its port, in the background (`urls` waits
+        for it); a start that fails is raised there."""
+        self._held[i] = self._start(i)
+
+    def close(self) -> None:
+        with ExitStack() as closing:  # every one, even if closing one raises
+            for held in self._held:
+                closing.callback(held.close)
 
 
 def is_alive(pid: int) -> bool:
