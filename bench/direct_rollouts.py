@@ -21,7 +21,7 @@ Three ways, `repeats` rounds of each in rotating order, from the base model afte
 The server's overhead over AsyncLLM is then HTTP + JSON plus service against direct: both on one
 engine, so that the difference is the server's own code. http against direct compares two engine
 instances (the server's and this one), which differ by more than that on 2 cores (a batch varies
-+-50% from one to the next; each instance pins its worker's threads by itself), so it is reported
++-50% from one to the next; each instance sets its engine's threads by itself), so it is reported
 but not read as the overhead.
 
 RESULT.json: {"http": {"seconds": [...], "server_seconds": [...], "token_ids": the last batch's

@@ -12,7 +12,7 @@ from shared.cli import add_model_flags, given_overrides
 from shared.config import ServerConfig
 from shared.lifeline import die_with_parent
 
-# Set by the server for its descendants: vLLM's engine core (and its worker) are spawned by
+# Set by the server for its descendants: vLLM's engine core (and any worker) are spawned by
 # multiprocessing, which imports this module in them as __mp_main__.
 SERVER_PID_VAR = "GRPO_ROLLOUT_SERVER_PID"
 if os.environ.get(SERVER_PID_VAR, str(os.getpid())) != str(os.getpid()):

@@ -12,6 +12,10 @@ wake-ups between back-to-back messages, each found only by vLLM's 5 s recheck.
 The value must be set in the processes vLLM spawns: the server passes it in the environment and
 `rollout_server.cli`, which multiprocessing imports in every spawned child, calls
 `limit_idle_spin` there.
+
+Since the CPU server runs the model inside the engine core (engine.VllmEngine: no worker process,
+so no queue between them), this acts only where vLLM keeps a separate worker: on CPU with
+VLLM_ENABLE_V1_MULTIPROCESSING=1, and with tensor parallelism.
 """
 
 from __future__ import annotations

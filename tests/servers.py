@@ -176,9 +176,9 @@ def started_together(makers: Sequence[Callable[[], AbstractContextManager[V]]]) 
 class StartAhead(Generic[K, V]):
     """One context manager per key (a server per test parameter), entered ahead of its use.
 
-    A vLLM server on CPU takes ~60 s to start, almost all of it single-threaded Python imports
-    in three processes one after another (the API server, then the engine core it spawns, then
-    that one's worker), so one of CI's two cores idles through a start. Entering the next keys'
+    A vLLM server on CPU takes ~40 s to start, almost all of it single-threaded Python imports
+    in two processes one after another (the API server, then the engine core it spawns, which
+    runs the model), so one of CI's two cores idles through a start. Entering the next keys'
     servers in background threads while the current key's tests run overlaps the starts with the
     tests and with each other.
 

@@ -87,7 +87,7 @@ def test_a_run_killed_after_a_checkpoint_and_resumed_ends_like_an_uninterrupted_
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    # The uninterrupted run goes on beside the killed one: their vLLM start-ups (~60 s, mostly
+    # The uninterrupted run goes on beside the killed one: their vLLM start-ups (~40 s, mostly
     # single-threaded imports) overlap on 2 cores. Both are float32 on CPU: running them together
     # changes none of their figures.
     with learner(learner_cmd(tiny_model_dir, whole), tmp_path / "whole.log") as whole_run:
