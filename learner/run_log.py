@@ -114,23 +114,22 @@ class RunLog:
         seconds: dict[str, float],
         *,
         prompts: list[Prompt],
-        whole: StepFigures | None = None,
+        whole: StepFigures,
     ) -> None:
         """Record step `step`, after which the server serves `version`. `seconds`: the step's phases,
         which add up to its wall time. `prompts`: the batch's prompts as the data gave them (the
         rollout holds only their token ids), for the samples file and for people. Every
         `sample_every` steps, print prompt 0's first completion.
 
-        `whole`: the whole step's figures for the metrics row, under torchrun (StepFigures.gather);
-        None when `rollout` and `learned` are the whole step. The samples file and the samples
-        shown are of `rollout`, `learned` and `prompts` either way."""
+        `whole`: the whole step's figures, for the metrics row: StepFigures.of(rollout, learned),
+        gathered over the ranks under torchrun (StepFigures.gather). The samples file and the
+        samples shown are of `rollout`, `learned` and `prompts`: this rank's shard."""
         if not self.writes:
             return
         texts_P = [p if isinstance(p, str) else p[-1].content for p in prompts]  # a conversation's last turn
         completions_P_G = [r.completions for r in rollout.results]
         rewards_P_G = learned.rewards_P_G
         assert rewards_P_G.shape == (len(completions_P_G), len(completions_P_G[0])), rewards_P_G.shape
-        whole = whole or StepFigures.of(rollout, learned)
         reward_mean, reward_std = nan_mean_std(whole.rewards_P_G)
         completions = whole.completion_lens_N.numel()
         metrics = {

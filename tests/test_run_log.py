@@ -75,16 +75,21 @@ def cfg(tmp_path: Path) -> LearnerConfig:
     return LearnerConfig(output_dir=tmp_path / "run", steps=10, sample_every=0)
 
 
+def log_step(log: RunLog, step: int, version: int, sent: RolloutResponse, scored: Learned, **kwargs) -> None:
+    """`log.step` of a step that is all one process's (`whole`: its own figures), SECONDS long."""
+    log.step(step, version, sent, scored, SECONDS, whole=StepFigures.of(sent, scored), **kwargs)
+
+
 def test_a_step_row_is_on_disk_before_the_log_closes_with_rates_and_per_function_rewards(cfg: LearnerConfig) -> None:
     log = RunLog(cfg)
     try:
-        log.step(
+        log_step(
+            log,
             7,
             4,
             rollout([["length", "stop"], ["stop", "length"]]),
             # "format" applied to the first completion of each prompt; "exact" to none
             learned([[1.0, 0.0], [0.5, 0.5]], {"format": [[1.0, NAN], [0.0, NAN]], "exact": [[NAN, NAN], [NAN, NAN]]}),
-            SECONDS,
             prompts=["1+1=", "2+2="],
         )
         (row,) = rows(log.path)  # read while the file is still open: `tail -f` sees the step
@@ -141,7 +146,7 @@ def test_alone_the_step_figures_gather_to_themselves(cfg: LearnerConfig) -> None
 def test_a_log_on_another_rank_than_0_writes_nothing(cfg: LearnerConfig) -> None:
     log = RunLog(cfg, ranks=Distributed(rank=1, world_size=2))
     assert not log.writes
-    log.step(1, 1, rollout([["stop", "stop"]]), learned([[1.0, 0.0]]), SECONDS, prompts=["p"])
+    log_step(log, 1, 1, rollout([["stop", "stop"]]), learned([[1.0, 0.0]]), prompts=["p"])
     log.eval(1, {"reward_mean": 0.5})
     log.note("skipped")
     log.close()
@@ -150,7 +155,7 @@ def test_a_log_on_another_rank_than_0_writes_nothing(cfg: LearnerConfig) -> None
 
 def test_a_single_builtin_reward_logs_no_per_function_keys(cfg: LearnerConfig) -> None:
     log = RunLog(cfg)
-    log.step(1, 1, rollout([["stop", "stop"]]), learned([[1.0, 0.0]]), SECONDS, prompts=["p"])
+    log_step(log, 1, 1, rollout([["stop", "stop"]]), learned([[1.0, 0.0]]), prompts=["p"])
     log.close()
     (row,) = rows(log.path)
     assert not [k for k in row if k.startswith("rewards/")]
@@ -180,12 +185,12 @@ def test_reward_function_stats(values: list[list[float]], mean: float, std: floa
 def test_each_step_writes_its_rollout_and_scores_as_a_samples_record(cfg: LearnerConfig) -> None:
     sent = rollout([["stop", "length"], ["stop", "stop"]])
     log = RunLog(cfg)
-    log.step(
+    log_step(
+        log,
         123,
         4,
         sent,
         learned([[1.0, 0.0], [0.5, 0.5]], {"format": [[1.0, NAN], [0.0, 1.0]]}),
-        SECONDS,
         prompts=["a", [ChatMessage(role="user", content="b")]],
     )
     log.close()
@@ -205,7 +210,7 @@ def test_each_step_writes_its_rollout_and_scores_as_a_samples_record(cfg: Learne
 
 def test_scores_json_cannot_hold_leave_the_record_without_scores(cfg: LearnerConfig) -> None:
     log = RunLog(cfg)
-    log.step(2, 1, rollout([["stop", "stop"]]), learned([[math.inf, 1.0]]), SECONDS, prompts=["p"])
+    log_step(log, 2, 1, rollout([["stop", "stop"]]), learned([[math.inf, 1.0]]), prompts=["p"])
     log.close()
     record = SampleRecord.model_validate_json((cfg.output_dir / "samples" / "step_000002.jsonl").read_text())
     assert record.scores is None and record.results[0].completions[1].text == "c01"
@@ -215,7 +220,7 @@ def test_scores_json_cannot_hold_leave_the_record_without_scores(cfg: LearnerCon
 def test_a_redone_step_replaces_its_samples_file_whole(cfg: LearnerConfig) -> None:
     for reward in (0.0, 1.0):  # the first run, then a resumed run redoing step 5
         log = RunLog(cfg)
-        log.step(5, 1, rollout([["stop", "stop"]]), learned([[reward, 0.0]]), SECONDS, prompts=["p"])
+        log_step(log, 5, 1, rollout([["stop", "stop"]]), learned([[reward, 0.0]]), prompts=["p"])
         log.close()
     samples = cfg.output_dir / "samples"
     assert [p.name for p in samples.iterdir()] == ["step_000005.jsonl"]  # no temp file left behind
@@ -226,7 +231,7 @@ def test_a_redone_step_replaces_its_samples_file_whole(cfg: LearnerConfig) -> No
 def test_eval_metrics_are_a_row_of_their_own_that_a_resume_drops_with_its_step(cfg: LearnerConfig) -> None:
     log = RunLog(cfg)
     for step in (1, 2):
-        log.step(step, step, rollout([["stop", "stop"]]), learned([[1.0, 0.0]]), SECONDS, prompts=["p"])
+        log_step(log, step, step, rollout([["stop", "stop"]]), learned([[1.0, 0.0]]), prompts=["p"])
         log.eval(step, {"accuracy": step / 4, "loss": NAN})
     log.close()
     written = rows(log.path)

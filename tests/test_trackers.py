@@ -12,7 +12,7 @@ from learner.run_log import RunLog
 from learner.trackers import check_installed
 from shared.config import LearnerConfig
 from shared.errors import ConfigError
-from tests.test_run_log import SECONDS, learned, rollout
+from tests.test_run_log import learned, log_step, rollout
 
 
 def event_accumulator(log_dir: Path):
@@ -36,12 +36,12 @@ def test_a_run_log_with_tensorboard_writes_scalars_and_samples_tensorboard_reads
     cfg = LearnerConfig(output_dir=tmp_path, steps=3, sample_every=0, report_to=["tensorboard"], tracker_samples=1)
     log = RunLog(cfg)
     for step, reward in [(1, 0.0), (2, 0.5), (3, 1.0)]:
-        log.step(
+        log_step(
+            log,
             step,
             step,
             rollout([["stop", "length"], ["stop", "stop"]]),
             learned([[reward, reward], [reward, reward]], {"format": [[1.0, 0.0], [1.0, float("nan")]]}),
-            SECONDS,
             prompts=["12+7=", "line one\nline | two"],
         )
     log.eval(3, {"accuracy": 0.75})
@@ -67,10 +67,10 @@ def test_a_resumed_run_replaces_what_the_killed_run_logged_after_its_checkpoint(
     cfg = LearnerConfig(output_dir=tmp_path, steps=4, sample_every=0, report_to=["tensorboard"])
     killed = RunLog(cfg)
     for step in (1, 2, 3, 4):
-        killed.step(step, step, rollout([["stop"]]), learned([[float(step)]]), SECONDS, prompts=["p"])
+        log_step(killed, step, step, rollout([["stop"]]), learned([[float(step)]]), prompts=["p"])
     killed.close()
     resumed = RunLog(cfg, done=2)  # from step 2's checkpoint: steps 3 and 4 are redone
-    resumed.step(3, 3, rollout([["stop"]]), learned([[30.0]]), SECONDS, prompts=["p"])
+    log_step(resumed, 3, 3, rollout([["stop"]]), learned([[30.0]]), prompts=["p"])
     resumed.close()
     events = event_accumulator(tmp_path / "tensorboard")
     assert [(e.step, e.value) for e in events.Scalars("reward_mean")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
@@ -80,7 +80,7 @@ def test_a_sample_table_cell_cannot_end_its_row(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     cfg = LearnerConfig(output_dir=tmp_path, steps=1, sample_every=0, report_to=["tensorboard"])
     log = RunLog(cfg)
-    log.step(1, 1, rollout([["stop"], ["stop"]]), learned([[0.0], [1.0]]), SECONDS, prompts=["a", "x\n| *y*"])
+    log_step(log, 1, 1, rollout([["stop"], ["stop"]]), learned([[0.0], [1.0]]), prompts=["a", "x\n| *y*"])
     log.close()
     events = event_accumulator(tmp_path / "tensorboard")
     table = events.Tensors("samples/text_summary")[0].tensor_proto.string_val[0].decode()
