@@ -31,7 +31,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,8 +40,7 @@ from pathlib import Path
 
 import httpx
 
-from learner.local_server import descendants, free_port, wait_healthy
-from shared.lifeline import die_with_parent
+from learner.local_server import descendants, free_port, spawn_rollout_server, wait_healthy
 
 ADAPTERS = ("v1", "v2", "v3")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -77,17 +75,14 @@ def write_adapters(model_dir: str, root: Path) -> None:
 
 def start_server(model_dir: str, adapter_root: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "rollout_server.cli", "--model", model_dir, "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--adapter-root", str(adapter_root), "--max-lora-rank", str(LORA_RANK)]
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "ROLLOUT_API_KEY": ""},
-            start_new_session=True,  # a Ctrl-C here reaches the server only through stop_server
-            preexec_fn=die_with_parent,  # a soak killed with SIGKILL takes its server along
-        )
+    proc, _ = spawn_rollout_server(
+        model_dir,
+        adapter_root,
+        port,
+        log_path=log_path,
+        extra_args=["--max-lora-rank", str(LORA_RANK)],
+        env={"ROLLOUT_API_KEY": ""},
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,31 @@ def local_rollout_server(
     a child of the server), then SIGKILL if it has not exited within 30 s.
     """
     port = free_port()
+    proc, log_start = spawn_rollout_server(model, adapter_root, port, log_path=log_path, extra_args=extra_args, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url, log_path, log_start, startup_timeout_s)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def spawn_rollout_server(
+    model: str,
+    adapter_root: Path,
+    port: int,
+    *,
+    log_path: Path,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen, int]:
+    """Start `grpo-rollout-server` on 127.0.0.1:`port`, its output appended to `log_path`, leading a
+    process group of its own (vLLM's engine core joins it) and dying with this process, even one
+    killed with SIGKILL. Returns the process and the log's size before it (where this start's lines
+    begin, for `wait_healthy`); waits for nothing."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_start = log_path.stat().st_size if log_path.exists() else 0  # earlier runs' lines are not this start's
-    cmd = [sys.executable, "-m", "rollout_server.cli", "--model", model, "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "rollout_server.cli", "--model", str(model), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--adapter-root", str(adapter_root), *extra_args]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
@@ -57,15 +79,10 @@ def local_rollout_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            start_new_session=True,
-            preexec_fn=die_with_parent,  # a learner killed with SIGKILL takes its server along
+            start_new_session=True,  # a Ctrl-C at the caller reaches the server only through its stop
+            preexec_fn=die_with_parent,
         )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, url, log_path, log_start, startup_timeout_s)
-        yield url
-    finally:
-        _stop(proc)
+    return proc, log_start
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, log_start: int, timeout_s: float) -> None:

@@ -14,9 +14,8 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from learner.local_server import descendants, free_port, local_rollout_server, wait_healthy
+from learner.local_server import descendants, free_port, local_rollout_server, spawn_rollout_server, wait_healthy
 from learner.rollout_client import RolloutClient
-from shared.lifeline import die_with_parent
 
 
 @contextmanager
@@ -68,19 +67,9 @@ def group_server(
     own, once healthy: as `local_rollout_server` starts one (vLLM's engine core and worker join the
     group; a parent-death signal), but on a given port and handing out its process, for tests that
     kill the whole group by pid and start another server in its place. The group is killed on exit."""
-    cmd = [sys.executable, "-m", "rollout_server.cli", "--model", str(model_dir), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--adapter-root", str(adapter_root), *args]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    start = log_path.stat().st_size if log_path.exists() else 0
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "ROLLOUT_API_KEY": ""},
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+    proc, start = spawn_rollout_server(
+        str(model_dir), adapter_root, port, log_path=log_path, extra_args=args, env={"ROLLOUT_API_KEY": ""}
+    )
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}", log_path, start, 300)
         yield proc
