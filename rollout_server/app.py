@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -22,6 +23,7 @@ from rollout_server.openai_routes import openai_router
 from rollout_server.routes import router
 from rollout_server.service import RolloutService
 from shared.config import ServerConfig
+from shared.schemas import RolloutRequest
 
 log = logging.getLogger("rollout_server")
 
@@ -45,6 +47,7 @@ def build_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = engine_factory(cfg)
+        await warm_up(engine)
         app.state.service = service = RolloutService(cfg, engine)
         log.info("engine ready on %s; serving %s", engine.device, cfg.model)
         watchdog = asyncio.create_task(_watch_engine(service, lambda reason: on_engine_death(app, reason)))
@@ -73,6 +76,22 @@ def build_app(
         app.add_exception_handler(exc_type, handler(status))
     app.add_exception_handler(HTTPException, _http_exception)
     return app
+
+
+WARM_UP_REQUEST_ID = "warm-up"
+
+
+async def warm_up(engine: RolloutEngine) -> None:
+    """Generate once before the server answers anything, /health included (uvicorn serves nothing
+    until the lifespan has started). vLLM does work at the first request that start-up does not:
+    on CPU, torch inductor compiles C++ there, and in a container without g++ or Python's headers
+    the engine died on it (measured) after /health had already answered ok. A failure here fails
+    the start, which a supervisor sees as an exit."""
+    started = time.monotonic()
+    prompt_token_ids = engine.tokenize("Hello") or [0]
+    request = RolloutRequest(prompt_token_ids=[prompt_token_ids], n=1, max_tokens=2)
+    await engine.generate(prompt_token_ids, request, seed=0, lora=None, request_id=WARM_UP_REQUEST_ID)
+    log.info("warm-up: the engine generated its first tokens in %.1f s", time.monotonic() - started)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

