@@ -68,10 +68,29 @@ Settings come from the LearnerConfig defaults, then --config FILE.yaml, then fla
 
 def parse_config(argv: list[str] | None) -> LearnerConfig:
     """Defaults, then the YAML file, then the flags the user passed."""
+    return parse_args(argv)[0]
+
+
+def parse_args(argv: list[str] | None) -> tuple[LearnerConfig, Path | None]:
+    """The run's settings (defaults, then the YAML file, then the flags the user passed), and the
+    --prepare-server directory (None: train)."""
     parser = argparse.ArgumentParser(
         prog="grpo-learner", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", type=Path, help="YAML file with any subset of the settings below")
+    parser.add_argument(
+        "--prepare-server",
+        type=Path,
+        metavar="DIR",
+        help=(
+            "write what a rollout server for this run loads, then exit without training: the base it "
+            "serves (DIR/served-base when the learner's base loads in 4-bit) and its flags "
+            "(DIR/server.args: the dtype and adapter serving of this device, --max-lora-rank, and "
+            "--max-model-len = max_prompt_tokens + sampling.max_tokens rounded up to 256, at most the "
+            "model's own). Start it with `grpo-rollout-server @DIR/server.args --host ...` on a machine "
+            "that sees DIR; docker compose does (its prepare service)"
+        ),
+    )
     add_model_flags(parser, LearnerConfig)
     args = parser.parse_args(argv)
     from_file = {}
@@ -83,11 +102,12 @@ def parse_config(argv: list[str] | None) -> LearnerConfig:
         if not isinstance(from_file, dict):
             raise ConfigError(f"{args.config}: expected a mapping of settings, got {type(from_file).__name__}")
     try:
-        return LearnerConfig.model_validate(deep_merge(from_file, given_overrides(args, LearnerConfig)))
+        cfg = LearnerConfig.model_validate(deep_merge(from_file, given_overrides(args, LearnerConfig)))
     except ValidationError as e:
         where = f" in {args.config} or the flags" if args.config else ""
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"invalid settings{where}: {problems}") from e
+    return cfg, args.prepare_server
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress bar
     try:
-        train(parse_config(argv))
+        cfg, prepare_dir = parse_args(argv)
+        if prepare_dir is None:
+            train(cfg)
+        else:
+            prepare_server(cfg, prepare_dir)
     except GrpoError as e:
         print(f"grpo-learner: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -122,16 +146,10 @@ def train(cfg: LearnerConfig) -> Path | None:
     model_dir = cfg.model or _default_model()
 
     from learner import checkpoint, loop, trackers
-    from learner.local_server import local_rollout_server, lora_rank_slot, server_flags
-    from learner.model import (
-        adapter_serving,
-        load_policy,
-        loads_in_4bit,
-        served_base,
-        server_dtype,
-        with_model_sampling_defaults,
-    )
+    from learner.local_server import local_rollout_server, server_flags
+    from learner.model import load_policy, loads_in_4bit, served_base, with_model_sampling_defaults
     from learner.rollout_client import RolloutClient
+    from learner.serving import server_settings
 
     cfg = with_model_sampling_defaults(cfg, model_dir)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -150,23 +168,12 @@ def train(cfg: LearnerConfig) -> Path | None:
         if urls is None:
             server_log = cfg.output_dir / "server.log"
             # A 4-bit learner has the server sample from its own (dequantized) weights: see served_base.
-            served = served_base(policy, model_dir, cfg)
+            served = served_base(policy, model_dir, cfg, cfg.output_dir / "served-base")
             log.info("starting a local rollout server for %s (log: %s)", served, server_log)
+            settings = server_flags(server_settings(cfg, model_dir))
             urls = [
                 stack.enter_context(
-                    local_rollout_server(
-                        served,
-                        cfg.output_dir / "adapters",
-                        log_path=server_log,
-                        extra_args=server_flags(
-                            {
-                                "dtype": server_dtype(),
-                                "adapter_serving": adapter_serving(),
-                                "max_lora_rank": lora_rank_slot(cfg.lora.r),
-                                **cfg.server,
-                            }
-                        ),
-                    )
+                    local_rollout_server(served, cfg.output_dir / "adapters", log_path=server_log, extra_args=settings)
                 )
             ]
         elif loads_in_4bit(cfg):
@@ -186,6 +193,22 @@ def train(cfg: LearnerConfig) -> Path | None:
         last = loop.run(cfg, data.train, policy, tokenizer, clients, eval_rows=data.eval, ranks=ranks)
     log.info("done: last adapter %s; metrics in %s", last, cfg.output_dir / "metrics.jsonl")
     return last
+
+
+def prepare_server(cfg: LearnerConfig, out_dir: Path) -> Path:
+    """--prepare-server: check the data, load the model as `train` would, and write the base and
+    flags of this run's rollout server into `out_dir` (learner.serving.prepare_server)."""
+    data = load_data(cfg)  # bad data stops here too, before a server is prepared for it
+    log.info("%d %s rows from %s", len(data.train) + len(data.eval), cfg.mode, cfg.data)
+    from learner import serving
+    from learner.model import load_policy, with_model_sampling_defaults
+
+    model_dir = cfg.model or _default_model()
+    cfg = with_model_sampling_defaults(cfg, model_dir)
+    policy, _ = load_policy(model_dir, cfg)
+    args_file = serving.prepare_server(cfg, policy, model_dir, out_dir)
+    log.info("rollout server prepared: grpo-rollout-server @%s %s", args_file, " ".join(args_file.read_text().split()))
+    return args_file
 
 
 def _under_torchrun(cfg: LearnerConfig, ranks: Distributed) -> LearnerConfig:

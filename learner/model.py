@@ -144,12 +144,12 @@ def adapter_serving() -> str:
     return "lora" if torch.cuda.is_available() else "merged"
 
 
-def served_base(policy: PeftModel, model_dir: str, cfg: LearnerConfig) -> str:
+def served_base(policy: PeftModel, model_dir: str, cfg: LearnerConfig, out_dir: Path) -> str:
     """The model directory the rollout server should load: the learner's dequantized weights when its
-    base is 4-bit (export_served_base, into output_dir/served-base), else the model directory."""
+    base is 4-bit (export_served_base, into `out_dir`), else the model directory."""
     if not loads_in_4bit(cfg):
         return model_dir
-    return str(export_served_base(policy, model_dir, cfg.output_dir / "served-base"))
+    return str(export_served_base(policy, model_dir, out_dir))
 
 
 SERVED_BASE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

