@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -80,7 +81,7 @@ def spawn_rollout_server(
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             start_new_session=True,  # a Ctrl-C at the caller reaches the server only through its stop
-            preexec_fn=die_with_parent,
+            preexec_fn=functools.partial(die_with_parent, parent=os.getpid()),
         )
     return proc, log_start
 

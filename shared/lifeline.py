@@ -19,16 +19,20 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> bool:
+def die_with_parent(sig: signal.Signals = signal.SIGKILL, *, parent: int | None = None) -> bool:
     """Have the kernel send `sig` to this process when its parent dies; False where unsupported.
 
-    If the parent is already gone (this process was reparented before the call), exits now.
+    `parent` is the pid of the process that started this one (a Popen preexec_fn's caller passes its
+    own); if this process's parent is another by the time the signal is armed, it was reparented:
+    the parent is gone, and this process exits now. None: the parent this process has now. A parent
+    of pid 1 is not a sign of death: in a container the server is pid 1 (its engine core exited
+    here at start-up while that was taken for one).
     """
     if _libc is None:
         return False
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     if _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return False
-    if parent == 1 or os.getppid() != parent:  # the parent died before the signal was armed
+    if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
     return True
