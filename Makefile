@@ -2,6 +2,8 @@
 # make test   : set up (once) and run every test that needs no GPU (what CI runs)
 # make check  : format check + lint + tests
 # make bench-compare : TRL's GRPOTrainer vs grpo-learner, one table (BENCH_ARGS="--steps 3" to shorten)
+# make compose-base  : (no image registry here) the CPU image's base from Debian's packages + pip's CA and wheels
+# make compose-check : docker compose up (the CPU default) built, trained, killed and resumed, then down -v
 # The environment is uv's (.venv from pyproject.toml's dependency groups); `uv run ...` works too.
 PY      ?= python3
 UV      ?= $(PY) -m uv
@@ -20,7 +22,7 @@ RUN     := $(UV) run --no-sync
 TRL_VENV := bench/.venv-trl
 TORCH_SOURCE := $(if $(strip $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup demo test check bench bench-compare clean
+.PHONY: setup demo test check bench bench-compare compose-base compose-check clean
 
 .venv/.installed-$(ENGINE): pyproject.toml
 	$(UV) --version >/dev/null 2>&1 || $(PY) -m pip install --quiet uv
@@ -53,6 +55,15 @@ $(TRL_VENV)/.installed:
 
 bench-compare: setup $(TRL_VENV)/.installed
 	$(RUN) python bench/compare_trl.py $(BENCH_ARGS)
+
+# Machines that reach no image registry (Docker Hub), such as this project's: see scripts/compose_base.sh.
+compose-base:
+	bash scripts/compose_base.sh
+
+# Stdlib only: runs without the project's environment. compose-base builds the base only where
+# debian:bookworm can be neither found nor pulled.
+compose-check: compose-base
+	$(PY) scripts/compose_check.py
 
 clean:
 	rm -rf .venv .torch-index runs $(TRL_VENV)
