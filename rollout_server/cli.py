@@ -10,10 +10,11 @@ import sys
 from rollout_server.idle_spin import IDLE_SPIN_VAR, limit_idle_spin_from_env
 from shared.cli import add_model_flags, given_overrides
 from shared.config import ServerConfig
-from shared.lifeline import die_with_parent
+from shared.lifeline import die_with_parent, forked_children_die_with_parent
 
-# Set by the server for its descendants: vLLM's engine core (and any worker) are spawned by
-# multiprocessing, which imports this module in them as __mp_main__.
+# Set by the server for its descendants: on CPU vLLM's engine core (and any worker) are spawned by
+# multiprocessing, which imports this module in them as __mp_main__ (forked children, as on CUDA,
+# import nothing: main() arms them at fork instead).
 SERVER_PID_VAR = "GRPO_ROLLOUT_SERVER_PID"
 if os.environ.get(SERVER_PID_VAR, str(os.getpid())) != str(os.getpid()):
     # A process the server started: die with its parent, even a server killed with SIGKILL
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags into a `ServerConfig` and run the app under uvicorn."""
     cfg, log_level = parse_config(argv)
     os.environ[SERVER_PID_VAR] = str(os.getpid())
+    forked_children_die_with_parent()  # vLLM's engine core on CUDA: forked, it imports nothing
     os.environ[IDLE_SPIN_VAR] = str(cfg.engine_idle_spin_s)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -36,3 +36,27 @@ def die_with_parent(sig: signal.Signals = signal.SIGKILL, *, parent: int | None 
     if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
     return True
+
+
+_forking_pid: int | None = None
+
+
+def _remember_forking_pid() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _die_with_forking_parent() -> None:
+    die_with_parent(parent=_forking_pid)
+
+
+def forked_children_die_with_parent() -> None:
+    """Arm the parent-death signal in every child this process forks from now on (and they fork).
+
+    A child started by `fork` runs none of our code: vLLM's engine core on CUDA is one
+    (`VLLM_WORKER_MULTIPROC_METHOD` defaults to fork there; only CPU forces spawn, whose children
+    import the server's module and arm the signal there). Without this, a server killed with
+    SIGKILL would leave its engine core holding the GPU. Children started by subprocess (which
+    execs) are not affected: their own code decides.
+    """
+    os.register_at_fork(before=_remember_forking_pid, after_in_child=_die_with_forking_parent)

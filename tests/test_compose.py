@@ -220,7 +220,7 @@ def test_the_learner_meets_its_server_shares_its_adapters_and_resumes(engine: st
 def test_the_cpu_learner_checkpoints_long_before_its_run_ends() -> None:
     """compose-check kills it after its first checkpoint and watches it resume and train on."""
     cfg = learner_of(CPU, "learner")
-    assert 0 < cfg.save_steps and cfg.steps >= 10 * cfg.save_steps
+    assert cfg.save_steps > 0 and cfg.steps >= 10 * cfg.save_steps
 
 
 REPLICAS = sorted(name for name in GPU["services"] if re.fullmatch(r"rollout-\d+", name))

@@ -47,10 +47,32 @@ def test_a_child_whose_parent_died_before_arming_exits() -> None:
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 1
 
 
+def child_outlives_parent(parent_code: str) -> bool:
+    """Run `parent_code` (it prints the pid of a child it started), SIGKILL it, and tell whether
+    that child is still alive 10 s later. A child left alive is killed here."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(parent_code)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        child = int(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.05)
+        alive = _alive(child)
+        if alive:
+            os.kill(child, signal.SIGKILL)
+        return alive
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
 def test_a_child_dies_when_its_parent_is_killed() -> None:
-    """A parent started with a die_with_parent child; SIGKILL to the parent takes the child too."""
+    """A child that armed the signal itself (as a spawned engine core does, or a Popen preexec_fn)."""
     code = """
-        import os, sys, time
+        import os, time
         from shared.lifeline import die_with_parent
         child = os.fork()
         if child == 0:
@@ -60,25 +82,37 @@ def test_a_child_dies_when_its_parent_is_killed() -> None:
         print(child, flush=True)
         time.sleep(60)
     """
-    parent = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True, cwd=ROOT
-    )
-    try:
-        child = int(parent.stdout.readline())
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and os.path.exists(f"/proc/{child}") and not _zombie(child):
-            time.sleep(0.05)
-        assert not os.path.exists(f"/proc/{child}") or _zombie(child), "the child outlived its parent"
-    finally:
-        if parent.poll() is None:
-            parent.kill()
+    assert not child_outlives_parent(code)
 
 
-def _zombie(pid: int) -> bool:
+FORKED_CHILD = """
+    import multiprocessing, time
+    from shared.lifeline import forked_children_die_with_parent
+    if {armed}:
+        forked_children_die_with_parent()
+    # As vLLM starts its engine core on CUDA: multiprocessing's fork, no code of ours in the child.
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_forked_child_dies_with_its_parent_once_armed() -> None:
+    """vLLM's engine core on CUDA is forked, not spawned: it never imports the server's module,
+    where spawned children arm the signal. The server arms every fork instead."""
+    assert not child_outlives_parent(FORKED_CHILD.format(armed=True))
+
+
+def test_without_arming_a_forked_child_outlives_its_parent() -> None:
+    """What the server did before: the check above can fail."""
+    assert child_outlives_parent(FORKED_CHILD.format(armed=False))
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
-        return True
+        return False
