@@ -42,6 +42,7 @@ from typing import TypeVar
 import torch
 from peft import PeftModel
 
+from learner.device_memory import release_before_wake
 from learner.logprobs import Sequence as TokenSequence
 from learner.logprobs import scored_logprobs
 from learner.rollout_client import RolloutClient
@@ -89,14 +90,24 @@ class ServerLink:
     """Rollouts, sleep/wake and adapter versions over one or more replicas, re-established
     whenever one restarts."""
 
-    def __init__(self, clients: Sequence[RolloutClient], cfg: LearnerConfig, canary: Canary) -> None:
+    def __init__(
+        self,
+        clients: Sequence[RolloutClient],
+        cfg: LearnerConfig,
+        canary: Canary,
+        *,
+        before_wake: Callable[[], None] = release_before_wake,
+    ) -> None:
         """`canary(client, adapter, version)` measures how far a replica's log-probabilities of
-        that version are from the learner's (`logprob_canary`)."""
+        that version are from the learner's (`logprob_canary`). `before_wake()` runs before each
+        call that wakes a server the learner put to sleep: the learner's cached GPU memory goes back
+        to the driver first."""
         if not clients:
             raise ValueError("a ServerLink needs at least one rollout server")
         self._replicas = [_Replica(client) for client in clients]
         self._cfg = cfg
         self._canary = canary
+        self._before_wake = before_wake
         self._published: _Published | None = None
         self._went_live = [0]  # every version live so far, in order: the base first
         # Rotation, in-flight counts and _parts, across a rollout's threads and a rollout asked for
@@ -281,6 +292,7 @@ class ServerLink:
 
     def _wake(self, replica: _Replica) -> None:
         if not replica.awake:
+            self._before_wake()
             replica.client.wake_up()
             replica.awake = True
 

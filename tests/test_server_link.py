@@ -160,3 +160,23 @@ def _catch(outcome: list[BaseException], call) -> None:
         call()
     except BaseException as e:  # noqa: BLE001 - handed to the test's thread
         outcome.append(e)
+
+
+def test_the_learner_releases_its_cached_gpu_memory_before_each_wake(tmp_path: Path) -> None:
+    """The waking server maps its weights and KV cache back into memory the learner's allocator
+    may still hold: the release comes first, and only before a call that wakes a sleeping server."""
+    _, (server,) = pool(tmp_path, 1)
+    link = ServerLink([server], LearnerConfig(), canary=lambda *_: 0.0, before_wake=lambda: server.calls.append("free"))
+    link.publish(save(tmp_path, 1, b"one"), 1)  # awake: nothing to release
+    link.sleep()
+    link.rollout(request(link))
+    link.sleep()
+    link.publish(save(tmp_path, 2, b"two"), 2)
+    assert [c for c in server.calls if c in ("free", "wake_up", "sleep")] == [
+        "sleep",
+        "free",
+        "wake_up",
+        "sleep",
+        "free",
+        "wake_up",
+    ]
