@@ -173,7 +173,13 @@ def train(cfg: LearnerConfig) -> Path | None:
             settings = server_flags(server_settings(cfg, model_dir))
             urls = [
                 stack.enter_context(
-                    local_rollout_server(served, cfg.output_dir / "adapters", log_path=server_log, extra_args=settings)
+                    local_rollout_server(
+                        served,
+                        cfg.output_dir / "adapters",
+                        log_path=server_log,
+                        extra_args=settings,
+                        startup_timeout_s=cfg.server_start_timeout_s,
+                    )
                 )
             ]
         elif loads_in_4bit(cfg):

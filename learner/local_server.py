@@ -38,7 +38,7 @@ def local_rollout_server(
     log_path: Path,
     extra_args: list[str] = (),
     env: dict[str, str] | None = None,
-    startup_timeout_s: float = 300.0,
+    startup_timeout_s: float = 900.0,
 ) -> Iterator[str]:
     """Start `grpo-rollout-server` on 127.0.0.1, yield its URL once /health answers, stop it on exit.
 

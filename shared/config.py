@@ -210,7 +210,15 @@ class LearnerConfig(_Strict):
     server: dict[str, Any] = Field(default_factory=dict)
     """Settings of the local server (server_url None; ignored otherwise): ServerConfig fields by
     name, each passed as its flag, e.g. {max_model_len: 256} -> --max-model-len 256; all but
-    model, host, port and adapter_root, which the learner sets. Checked against ServerConfig."""
+    model, host, port and adapter_root, which the learner sets. Checked against ServerConfig.
+    Unless given here, max_model_len is the workload's, max_prompt_tokens + sampling.max_tokens
+    rounded up to 256 (at most the model's own): the model's whole context (32k, 131k) may not
+    fit the KV cache at gpu_memory_utilization 0.35 of 24 GB, and vLLM would refuse to start."""
+    server_start_timeout_s: float = Field(900.0, gt=0)
+    """How long the local server (server_url None) may take to answer /health. A first CUDA start of
+    a 3B model loads its weights, compiles, profiles memory and captures CUDA graphs (twice with
+    LoRA): minutes. vLLM keeps what it compiled under ~/.cache/vllm (VLLM_CACHE_ROOT): keep that
+    directory between runs (compose keeps it in a volume) and later starts skip the compile."""
     api_key: str | None = None
     """Bearer token for the server (default: the ROLLOUT_API_KEY environment variable)."""
     output_dir: Path = Path("runs/grpo")

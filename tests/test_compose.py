@@ -215,6 +215,7 @@ def test_the_learner_meets_its_server_shares_its_adapters_and_resumes(engine: st
     assert rollout["depends_on"] == {"prepare": {"condition": "service_completed_successfully"}}
     assert "served:/served:ro" in rollout["volumes"] and "served:/served" in compose["services"]["prepare"]["volumes"]
     assert rollout["ports"] == ["127.0.0.1:8000:8000"]  # the host's loopback only: no key needed
+    assert "vllm-cache:/root/.cache/vllm" in rollout["volumes"]  # a restart skips vLLM's compile
 
 
 def test_the_cpu_learner_checkpoints_long_before_its_run_ends() -> None:

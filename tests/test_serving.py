@@ -58,3 +58,12 @@ def test_the_learners_server_settings_override_the_workloads(tiny_model_dir: Pat
     learner_main(["--model", str(tiny_model_dir), "--server", '{"max_model_len": 300}', "--prepare-server", str(out)])
     cfg, _ = server_config([f"@{out / SERVER_ARGS_FILE}"])
     assert cfg.max_model_len == 300
+
+
+def test_the_local_servers_start_up_time_is_a_setting(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    """A first CUDA start takes minutes; the limit is the user's (here one the tiny model misses)."""
+    argv = ["--model", str(tiny_model_dir), "--output-dir", str(tmp_path), "--server-start-timeout-s", "1"]
+    with pytest.raises(SystemExit) as exited:
+        learner_main(argv)
+    assert exited.value.code == 2
+    assert "did not answer /health within 1 s" in capsys.readouterr().err
