@@ -108,6 +108,8 @@ class ServerLink:
         self._cfg = cfg
         self._canary = canary
         self._before_wake = before_wake
+        self._woken = False  # a server this learner put to sleep has been woken
+        self._checked_after_wake = False  # the canary ran on a version loaded after a wake
         self._published: _Published | None = None
         self._went_live = [0]  # every version live so far, in order: the base first
         # Rotation, in-flight counts and _parts, across a rollout's threads and a rollout asked for
@@ -190,6 +192,12 @@ class ServerLink:
                 ) from e
         if not took:
             self._wait_for_a_replica()  # its re-sync loads this version
+        if self._woken and not self._checked_after_wake:
+            # A vLLM issue reported LoRA silently ignored after a level-1 wake: the first version
+            # loaded into a woken server is checked once per run, as after a restart.
+            for replica in took:
+                self._check_canary(replica, f"after the run's first wake and the load of version {version}")
+            self._checked_after_wake = True
         self._went_live.append(version)
 
     def follow(self, adapter_dir: Path, version: int) -> None:
@@ -294,6 +302,7 @@ class ServerLink:
         if not replica.awake:
             self._before_wake()
             replica.client.wake_up()
+            self._woken = True
             replica.awake = True
 
     def _call(
@@ -390,16 +399,21 @@ class ServerLink:
             card = client.served(self._cfg.adapter_name)
             if card is None or (card.version, card.sha256) != (live.version, live.sha256):
                 self._load_published(replica)
-            gap = self._canary(client, self.adapter, live.version)
-            if not gap <= self._cfg.canary_tolerance:
-                raise StaleAdapterError(
-                    f"after re-loading version {live.version}, {replica.url}'s log-probabilities differ from "
-                    f"the learner's by {gap:.4f} nats per token (tolerance {self._cfg.canary_tolerance}): it "
-                    "does not sample from the learner's policy (another base model or dtype?)"
-                )
-            log.info("%s serves version %d again (canary gap %.2e nats per token)", replica.url, live.version, gap)
+            self._check_canary(replica, f"after re-loading version {live.version}")
         with self._lock:
             replica.in_rotation = True
+
+    def _check_canary(self, replica: _Replica, when: str) -> None:
+        """StaleAdapterError unless `replica` samples the live version as the learner scores it."""
+        live = self._published
+        gap = self._canary(replica.client, self.adapter, live.version)
+        if not gap <= self._cfg.canary_tolerance:
+            raise StaleAdapterError(
+                f"{when}, {replica.url}'s log-probabilities differ from the learner's by {gap:.4f} nats per "
+                f"token (tolerance {self._cfg.canary_tolerance}): it does not sample from the learner's policy "
+                "(another base model or dtype? on CUDA, VLLM_USE_V2_MODEL_RUNNER=0 is vLLM's other runner)"
+            )
+        log.info("%s: %s serves version %d (canary gap %.2e nats per token)", when, replica.url, live.version, gap)
 
     def _load_published(self, replica: _Replica) -> None:
         live = self._published

@@ -11,7 +11,7 @@ import pytest
 from learner.server_link import ServerLink
 from shared.adapter_hash import adapter_sha256
 from shared.config import LearnerConfig
-from shared.errors import AdapterPublishError, RetiredVersionError
+from shared.errors import AdapterPublishError, RetiredVersionError, StaleAdapterError
 from shared.schemas import RolloutRequest, SampleScores
 from tests.scripted_servers import pool, save
 
@@ -180,3 +180,30 @@ def test_the_learner_releases_its_cached_gpu_memory_before_each_wake(tmp_path: P
         "free",
         "wake_up",
     ]
+
+
+@pytest.mark.parametrize(("gap", "stops"), [(0.0, False), (5.0, True)])
+def test_the_first_version_loaded_after_a_wake_is_checked_by_the_canary(
+    tmp_path: Path, gap: float, stops: bool
+) -> None:
+    """A vLLM issue reported LoRA silently ignored after a level-1 wake: the run's first load into a
+    woken server is checked, once, as a restarted one is."""
+    _, (server,) = pool(tmp_path, 1)
+    checked: list[int] = []
+
+    def canary(client, adapter, version) -> float:
+        checked.append(version)
+        return gap
+
+    link = ServerLink([server], LearnerConfig(), canary=canary)
+    link.publish(save(tmp_path, 1, b"one"), 1)  # no server woken yet: nothing to check
+    assert checked == []
+    link.sleep()
+    if stops:
+        with pytest.raises(StaleAdapterError, match="after the run's first wake and the load of version 2"):
+            link.publish(save(tmp_path, 2, b"two"), 2)
+        return
+    link.publish(save(tmp_path, 2, b"two"), 2)
+    link.sleep()
+    link.publish(save(tmp_path, 3, b"three"), 3)
+    assert checked == [2]  # once per run
