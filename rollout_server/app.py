@@ -49,7 +49,7 @@ def build_app(
         engine = engine_factory(cfg)
         await warm_up(engine)
         app.state.service = service = RolloutService(cfg, engine)
-        log.info("engine ready on %s; serving %s", engine.device, cfg.model)
+        log.info("engine ready on %s (model runner %s); serving %s", engine.device, engine.model_runner, cfg.model)
         watchdog = asyncio.create_task(_watch_engine(service, lambda reason: on_engine_death(app, reason)))
         try:
             yield

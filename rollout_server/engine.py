@@ -45,6 +45,8 @@ class RolloutEngine(Protocol):
     None the model's own limit."""
     vocab_size: int
     """Token ids a prompt may hold are 0 .. vocab_size - 1."""
+    model_runner: str
+    """The engine's model runner, as /health names it (HealthResponse.model_runner)."""
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: a text as the tokenizer encodes it (BOS when it adds one), or a
@@ -147,6 +149,8 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(engine_args(cfg, self.device))
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len  # derived by vLLM when cfg's is None
+        # A vLLM issue reported LoRA silently ignored after a level-1 wake under the v2 runner.
+        self.model_runner = "v2" if self._llm.vllm_config.use_v2_model_runner else "v1"
         # vLLM's own bound on prompt ids: the model's embedding rows or the tokenizer's ids, whichever
         # is larger (Qwen's embeddings have rows no token uses).
         self.vocab_size = max(self._llm.model_config.get_vocab_size(), self._tokenizer.max_token_id + 1)

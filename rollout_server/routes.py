@@ -59,7 +59,10 @@ router = APIRouter()
 async def health(service: ServiceDep) -> HealthResponse:
     if (reason := service.dead_reason()) is not None:
         raise EngineDeadError(reason)
-    return HealthResponse(is_sleeping=service.sleep_state().is_sleeping)
+    engine = service.engine
+    return HealthResponse(
+        is_sleeping=service.sleep_state().is_sleeping, device=engine.device, model_runner=engine.model_runner
+    )
 
 
 @router.post(

@@ -333,6 +333,11 @@ class HealthResponse(_Wire):
 
     status: Literal["ok"] = "ok"
     is_sleeping: bool
+    device: str
+    """'cuda' or 'cpu': where the engine runs (on CPU, sleep releases nothing)."""
+    model_runner: str
+    """vLLM's model runner: 'v2' (the default on CUDA since vLLM 0.32; VLLM_USE_V2_MODEL_RUNNER=0
+    selects the other) or 'v1' (CPU, or where v2 does not apply)."""
 
 
 # --- OpenAI-compatible ------------------------------------------------------------------------

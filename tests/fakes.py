@@ -31,6 +31,7 @@ class FakeEngine:
 
     device = "cpu"
     vocab_size = 256  # it tokenizes to bytes
+    model_runner = "fake"
 
     def __init__(self, max_model_len: int = 64) -> None:
         self.max_model_len = max_model_len  # a real engine's: ServerConfig's, or the model's own

