@@ -85,9 +85,17 @@ def test_the_cpu_default_needs_no_variable() -> None:
         interpolate(Path("docker-compose.gpu.yml").read_text(), {})
 
 
+def image(compose: dict) -> str:
+    return compose["services"]["prepare"]["image"]
+
+
 @pytest.mark.parametrize("engine", ["cpu", "gpu"])
-def test_the_image_is_built_for_its_engine_from_groups_that_exist(engine: str) -> None:
-    build = load(engine)["x-image"]["build"]
+def test_the_image_is_built_once_for_its_engine_from_groups_that_exist(engine: str) -> None:
+    compose = load(engine)
+    # prepare, which every other service waits for, builds it; the others run it.
+    assert [name for name, service in compose["services"].items() if "build" in service] == ["prepare"]
+    assert {service["image"] for service in compose["services"].values()} == {image(compose)}
+    build = compose["services"]["prepare"]["build"]
     assert build["args"]["ENGINE"] == engine and engine in PYPROJECT["dependency-groups"]
     assert 'pip install --no-cache-dir --quiet -r requirements.txt --group "$ENGINE"' in DOCKERFILE
     assert build.get("dockerfile", "Dockerfile") == "Dockerfile" and "dockerfile_inline" not in build
@@ -97,8 +105,8 @@ def test_the_gpu_base_image_is_the_vllm_the_gpu_group_pins() -> None:
     (base,) = re.findall(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE, re.MULTILINE)
     (vllm,) = [r for r in PYPROJECT["dependency-groups"]["gpu"] if r.startswith("vllm")]
     assert vllm.startswith("vllm==") and base == f"vllm/vllm-openai:v{vllm.removeprefix('vllm==')}"
-    assert "BASE_IMAGE" not in GPU["x-image"]["build"]["args"]  # the pinned default
-    assert CPU["x-image"]["build"]["args"]["BASE_IMAGE"] == "debian:bookworm"  # what make compose-base tags
+    assert "BASE_IMAGE" not in GPU["services"]["prepare"]["build"]["args"]  # the pinned default
+    assert CPU["services"]["prepare"]["build"]["args"]["BASE_IMAGE"] == "debian:bookworm"  # make compose-base's tag
 
 
 def test_the_build_context_leaves_local_state_out() -> None:
@@ -129,11 +137,11 @@ def test_every_healthchecks_interpreter_runs_in_the_built_image() -> None:
     """In the image `make compose-check` builds (the CPU one; the GPU image is not built here)."""
     if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
         pytest.skip("no Docker engine answers here")
-    if subprocess.run(["docker", "image", "inspect", CPU["x-image"]["image"]], capture_output=True).returncode:
-        pytest.skip(f"{CPU['x-image']['image']} is not built (make compose-check builds it)")
+    if subprocess.run(["docker", "image", "inspect", image(CPU)], capture_output=True).returncode:
+        pytest.skip(f"{image(CPU)} is not built (make compose-check builds it)")
     for engine, name, test in healthchecks():
         if engine == "cpu":
-            run = ["docker", "run", "--rm", CPU["x-image"]["image"], test[1], "-c", "import urllib.request"]
+            run = ["docker", "run", "--rm", image(CPU), test[1], "-c", "import urllib.request"]
             done = subprocess.run(run, capture_output=True, text=True, timeout=120)
             assert done.returncode == 0, f"{name}'s healthcheck interpreter {test[1]}: {done.stderr}"
 
