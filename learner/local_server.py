@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from shared.cli import flag_name
+from shared.config import VLLM_LORA_RANKS
 from shared.errors import ServerStartError
 from shared.lifeline import die_with_parent
 
@@ -146,10 +147,6 @@ def startup_failure_cause(log_text: str) -> str:
         return " ".join(cause)
     non_blank = [line.strip() for line in lines if line.strip()]
     return non_blank[-1] if non_blank else "(the server wrote nothing)"
-
-
-# The ranks vLLM sizes its LoRA buffers to (vllm.config.lora.MaxLoRARanks in vLLM 0.32).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def lora_rank_slot(rank: int) -> int:

@@ -7,8 +7,10 @@ import logging
 import os
 import sys
 
+from pydantic import ValidationError
+
 from rollout_server.idle_spin import IDLE_SPIN_VAR, limit_idle_spin_from_env
-from shared.cli import add_model_flags, given_overrides
+from shared.cli import add_model_flags, flag_name, given_overrides
 from shared.config import ServerConfig
 from shared.lifeline import die_with_parent, forked_children_die_with_parent
 
@@ -45,7 +47,10 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
             "--model DIR (or @FILE naming one) is required (a Hugging Face model directory; "
             "`grpo-tiny-model DIR` builds one)"
         )
-    return ServerConfig(**given_overrides(args, ServerConfig)), args.log_level
+    try:
+        return ServerConfig(**given_overrides(args, ServerConfig)), args.log_level
+    except ValidationError as e:  # one line per bad setting, named by its flag
+        parser.error("; ".join(f"{flag_name(str(err['loc'][0]))}: {err['msg']}" for err in e.errors()))
 
 
 def main(argv: list[str] | None = None) -> None:

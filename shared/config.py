@@ -12,6 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator, model_validator
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ranks vLLM sizes its LoRA buffers to (vllm.config.lora.MaxLoRARanks in vLLM 0.32); it
+refuses any other max_lora_rank at start-up."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
@@ -29,7 +33,8 @@ class ServerConfig(_Strict):
     adapter_root: Path = Path("adapters")
     """Only LoRA adapters under this directory may be loaded (no path traversal)."""
     max_lora_rank: int = Field(16, gt=0)
-    """Largest LoRA rank the engine accepts; adapters of higher rank are refused."""
+    """Largest LoRA rank the engine accepts (one of vLLM's: 1, 8, 16, 32, 64, 128, 256, 320, 512);
+    adapters of higher rank are refused."""
     max_loras: int = Field(2, gt=0)
     """Adapter versions requests may use at once (vLLM's LoRA slots): 2 lets one adapter swap while
     requests still run on its old version. Idle adapters take no slot: any number can be served."""
@@ -80,6 +85,15 @@ class ServerConfig(_Strict):
     samples_file_max_bytes: int = Field(256 * 2**20, gt=0)
     """Size at which the samples_path file is renamed to '<name>.1' (replacing the older one) and a
     new file begun: the log takes at most about twice this on disk."""
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _a_rank_vllm_takes(cls, rank: int) -> int:
+        if rank not in VLLM_LORA_RANKS:
+            larger = [r for r in VLLM_LORA_RANKS if r > rank]
+            hint = f"; {larger[0]} holds rank-{rank} adapters" if larger else ""
+            raise ValueError(f"vLLM takes max_lora_rank {', '.join(map(str, VLLM_LORA_RANKS))}, not {rank}{hint}")
+        return rank
 
 
 class SamplingConfig(_Strict):

@@ -114,6 +114,8 @@ def test_server_setting_none_is_the_server_default() -> None:
         ({"adapter_root": "x"}, "set by the learner"),  # always output_dir/adapters
         ({"max_model_len": 0}, "greater than 0"),  # the server's own bound, checked before launch
         ({"max_model_lenn": 256}, "Extra inputs are not permitted"),  # a typo is not ignored
+        ({"max_lora_rank": 12}, "not 12; 16 holds rank-12 adapters"),  # vLLM refuses it at start-up
+        ({"max_lora_rank": 1024}, "320, 512, not 1024"),  # above the largest: none to suggest
     ],
 )
 def test_bad_server_settings_are_refused_before_launch(server: dict, needle: str) -> None:
@@ -125,6 +127,12 @@ def test_bad_server_settings_are_refused_before_launch(server: dict, needle: str
 def test_the_local_server_sizes_lora_buffers_to_the_adapters_rank(rank: int, slot: int) -> None:
     assert lora_rank_slot(rank) == slot
     assert parse_config(["--model", "m", *server_flags({"max_lora_rank": slot})])[0].max_lora_rank == slot
+
+
+def test_the_server_refuses_a_lora_rank_vllm_would_refuse_before_it_starts(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(["--model", "m", "--max-lora-rank", "12"])
+    assert "vLLM takes max_lora_rank 1, 8, 16, 32, 64, 128, 256, 320, 512, not 12" in capsys.readouterr().err
 
 
 def test_a_rank_vllm_cannot_serve_is_named() -> None:
