@@ -162,10 +162,12 @@ def export_served_base(policy: PeftModel, model_dir: str, out_dir: Path) -> Path
     the learner's base is dequantize(quantize(W)), not W. A server sampling from the original W
     would put the whole quantization gap into the importance weights from step 1, and the KL
     reference would not be the policy that sampled. Serving these weights instead makes sampler
-    and learner the same function up to kernel rounding. Written once (atomically); a directory
-    already there is reused.
+    and learner the same function up to kernel rounding. Written atomically; a directory already
+    there is reused only if it was exported from the same model files (its SOURCE_FILE records
+    their path, size and time), else replaced.
     """
-    if (out_dir / "model.safetensors").is_file():
+    source = _source_of(model_dir)
+    if (out_dir / SOURCE_FILE).is_file() and json.loads((out_dir / SOURCE_FILE).read_text()) == source:
         return out_dir
     from safetensors.torch import save_file
 
@@ -189,11 +191,25 @@ def export_served_base(policy: PeftModel, model_dir: str, out_dir: Path) -> Path
         for name in SERVED_BASE_FILES:
             if (Path(model_dir) / name).is_file():
                 shutil.copy(Path(model_dir) / name, tmp / name)
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=1))
+        if out_dir.exists():  # another model's (or an unfinished) export: replaced, never mixed
+            shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+SOURCE_FILE = "served-base-source.json"
+
+
+def _source_of(model_dir: str) -> dict:
+    """What identifies the model an export was made from: its directory and each file's size and
+    modification time (reading gigabytes of weights to hash them would cost more than exporting)."""
+    root = Path(model_dir).resolve()
+    files = sorted(p for p in root.iterdir() if p.is_file())
+    return {"model": str(root), "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
 
 
 def _dequantized(param: torch.nn.Parameter) -> torch.Tensor:

@@ -26,3 +26,19 @@ def test_exported_base_holds_every_base_weight_in_bf16(tiny_model_dir: Path, tmp
         == AutoTokenizer.from_pretrained(tiny_model_dir)("12+7=").input_ids
     )
     assert export_served_base(policy, str(tiny_model_dir), out) == out  # reused, not rewritten
+
+
+def test_an_export_of_another_model_is_replaced_not_reused(
+    tiny_model_dir: Path, warm_model_dir: Path, tmp_path: Path
+) -> None:
+    """A run directory (or compose's served volume) reused with another --model must not serve the
+    first model's weights."""
+    out = tmp_path / "served-base"
+    export_served_base(load_policy(str(tiny_model_dir), LearnerConfig())[0], str(tiny_model_dir), out)
+    first = (out / "model.safetensors").read_bytes()
+    warm, _ = load_policy(str(warm_model_dir), LearnerConfig())
+    assert export_served_base(warm, str(warm_model_dir), out) == out
+    assert (out / "model.safetensors").read_bytes() != first
+    served = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ours = warm.get_base_model().get_input_embeddings().weight.detach().bfloat16().float()
+    torch.testing.assert_close(served.get_input_embeddings().weight, ours)
