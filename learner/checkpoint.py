@@ -96,7 +96,9 @@ def save(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+            # The current device's (under torchrun, the rank's): get_rng_state_all() would create a
+            # CUDA context on every visible GPU, in every rank.
+            rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, tmp / "rng.pt")
         trainer_state = {
             "step": state.step,
@@ -174,7 +176,7 @@ def restore(
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available() and "cuda" in rng:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        torch.cuda.set_rng_state(rng["cuda"])
     version_, internal, gauss = saved["python_random"]
     random.setstate((version_, tuple(internal), gauss))
     prompts.load_state_dict(saved["prompts"])
