@@ -116,6 +116,9 @@ def engine_args(cfg: ServerConfig, device: str):
         # The learner compares its logprobs (at the sampling temperature) with these.
         logprobs_mode="processed_logprobs",
         enable_sleep_mode=cfg.enable_sleep_mode and device == "cuda",
+        # Level 1 otherwise keeps the CUDA-graph pool (~0.5-1 GB) on the GPU while the learner trains;
+        # with this vLLM 0.32 backs it up to CPU memory and restores it in place on wake.
+        sleep_mode_offload_cudagraph=cfg.enable_sleep_mode and device == "cuda",
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         # On CPU the model runs in the engine core process, not a third spawned one (whose imports
         # took ~15 s): start to /health 40 s instead of 55 s (medians of 8, tiny model, 2 cores).

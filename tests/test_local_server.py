@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from learner.local_server import lora_rank_slot, server_flags, startup_failure_cause
 from rollout_server.cli import parse_config
-from shared.config import LearnerConfig
+from shared.config import LearnerConfig, ServerConfig
 
 MODEL_CONFIG_LOG = """\
 INFO:     Started server process [6234]
@@ -138,3 +138,14 @@ def test_the_server_refuses_a_lora_rank_vllm_would_refuse_before_it_starts(capsy
 def test_a_rank_vllm_cannot_serve_is_named() -> None:
     with pytest.raises(ValueError, match="LoRA rank 513"):
         lora_rank_slot(513)
+
+
+@pytest.mark.parametrize(("device", "sleeps"), [("cuda", True), ("cpu", False)])
+def test_on_cuda_sleep_also_offloads_the_cuda_graph_pool(device: str, sleeps: bool) -> None:
+    """vLLM 0.32's level-1 sleep keeps the CUDA-graph pool unless told to back it up to CPU memory."""
+    from rollout_server.engine import engine_args
+
+    args = engine_args(ServerConfig(model="m"), device)
+    assert (args.enable_sleep_mode, args.sleep_mode_offload_cudagraph) == (sleeps, sleeps)
+    args = engine_args(ServerConfig(model="m", enable_sleep_mode=False), device)
+    assert not args.enable_sleep_mode and not args.sleep_mode_offload_cudagraph
