@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from learner.distributed import Distributed
 from shared.config import LearnerConfig
+from shared.device import check_gpu_usable
 from shared.errors import ConfigError
 
 
@@ -47,6 +48,7 @@ def eos_token_ids(generation_config: GenerationConfig, tokenizer: PreTrainedToke
 
 def load_policy(model_dir: str, cfg: LearnerConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """The base model with a LoRA, fresh (seeded) or with `cfg.init_adapter`'s weights, and its tokenizer."""
+    check_gpu_usable(torch.cuda.is_available(), torch.__version__, torch.version.cuda)  # no silent CPU run
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if torch.cuda.is_available():
         # The current device: under torchrun, this rank's GPU (Distributed.init sets it).

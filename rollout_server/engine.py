@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shared.config import ServerConfig
+from shared.device import check_gpu_usable
 from shared.errors import EngineDeadError, InvalidRequestError
 from shared.prompts import prompt_token_ids
 from shared.schemas import Completion, Prompt, RolloutRequest
@@ -137,6 +138,7 @@ class VllmEngine:
         import torch
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        check_gpu_usable(torch.cuda.is_available(), torch.__version__, torch.version.cuda)  # no silent CPU
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self._model = cfg.model
         if self.device == "cpu":

@@ -121,3 +121,8 @@ class UnsupportedFeatureError(GrpoError, ValueError):
 class AdapterPublishError(GrpoError, RuntimeError):
     """A replica refused an adapter version (or loaded other files than the learner saved): no
     replica serves it, and the pool serves the previous version as before."""
+
+
+class DeviceError(GrpoError, RuntimeError):
+    """An NVIDIA GPU is visible but torch cannot use it (a CPU build of torch, or a driver too old
+    for its CUDA): refused rather than run silently on the CPU."""
