@@ -112,6 +112,23 @@ def memory(cuda: bool) -> str:
     return f"{torch.cuda.memory_allocated() / GIB:.2f} GiB allocated, {torch.cuda.memory_reserved() / GIB:.2f} reserved"
 
 
+def head_copy_cost(policy, cuda: bool) -> str:
+    """What LogitHead.of's float32 copy of the LM head costs per call (learner/logprobs.py makes it
+    at every scored_logprobs call rather than hold 1-2 GB more across the server's wake)."""
+    weight = policy.get_base_model().get_output_embeddings().weight
+    for _ in range(2):
+        weight.float()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        weight.float()
+    if cuda:
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) / 10 * 1000
+    return f"{ms:.2f} ms for {weight.numel() / 1e6:.0f}M {str(weight.dtype).removeprefix('torch.')} values"
+
+
 def served_base_check(rows: list, out: Path, tmp: Path, device: str) -> None:
     """(a): the 4-bit learner's exported base, reloaded, scores as the learner does."""
     model_dir = build(tmp / "small", SMALL, device)
@@ -173,6 +190,7 @@ def memory_and_gap_check(rows: list, tmp: Path, cuda: bool, device: str) -> None
     if cuda:
         torch.cuda.empty_cache()
         rows.append(("(b) after empty_cache (what the server's wake meets)", memory(cuda)))
+    rows.append(("(b) the LM head's float32 copy, made per scoring call", head_copy_cost(policy, cuda)))
     del optimizer
     gap_seqs = sequences(k=2, prompts=4, prompt_len=32, completion_len=64 if cuda else 16)
     learner = learner_logprobs(policy, gap_seqs)
