@@ -31,7 +31,9 @@ TORCH_SOURCE := $(if $(strip $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),--ext
 
 setup: .venv/.installed-$(ENGINE)
 
+# One run per output directory: the demo starts its two runs over each time.
 demo: setup
+	rm -rf runs/unsupervised runs/supervised
 	$(RUN) grpo-learner --config configs/unsupervised.yaml --steps 5
 	$(RUN) grpo-learner --config configs/supervised.yaml --steps 5
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import yaml
 from peft import PeftModel
 
 from learner.distributed import Distributed
@@ -120,10 +121,43 @@ def latest(root: Path) -> Path | None:
     return max(_complete(root), key=_step, default=None)
 
 
+RUN_OUTPUTS = ("metrics.jsonl", "adapters", "samples", "checkpoints", "tensorboard")
+"""What a run writes under output_dir as it trains (config.yaml, server.log and served-base are
+written before step 1, and rewritten by the next run)."""
+CONFIG_FILE = "config.yaml"
+
+
+def earlier_run(output_dir: Path) -> list[str]:
+    """The RUN_OUTPUTS output_dir holds (a file or a folder, with anything in it)."""
+    found = []
+    for name in RUN_OUTPUTS:
+        path = output_dir / name
+        if (path.is_file() and path.stat().st_size) or (path.is_dir() and any(path.iterdir())):
+            found.append(name + ("/" if path.is_dir() else ""))
+    return found
+
+
+def run_settings(cfg: LearnerConfig) -> dict:
+    """The settings written to output_dir/config.yaml (the API key left out)."""
+    return cfg.model_dump(mode="json", exclude={"api_key"})
+
+
+def _same_settings(cfg: LearnerConfig) -> bool:
+    """Whether output_dir's config.yaml is this run's, --resume apart."""
+    path = cfg.output_dir / CONFIG_FILE
+    if not path.is_file():
+        return False
+    earlier = yaml.safe_load(path.read_text()) or {}
+    return {**earlier, "resume": None} == {**run_settings(cfg), "resume": None}
+
+
 def resume_point(cfg: LearnerConfig) -> Path | None:
     """The checkpoint `cfg.resume` names: 'auto' the latest under output_dir/checkpoints (None if
-    none), else the directory given. A fresh start over existing checkpoints is refused: its
-    checkpoints would collide with theirs by step number, and 'auto' would mix the two runs."""
+    none), else the directory given. One run per output_dir: a fresh start into a directory that
+    holds an earlier run's checkpoints or training outputs is refused (its metrics steps would
+    appear twice, its adapter numbers go on, its samples be overwritten), and so is 'auto' with no
+    checkpoint there, unless those outputs are this very run's (the same settings in config.yaml:
+    it died before its first checkpoint), which then starts over (`restore`)."""
     root = cfg.output_dir / "checkpoints"
     if cfg.resume is None:
         found = latest(root)
@@ -132,9 +166,24 @@ def resume_point(cfg: LearnerConfig) -> Path | None:
                 f"{root} holds checkpoints of an earlier run (newest {found.name}): pass --resume auto to "
                 "continue it, choose another --output-dir, or delete them to start over"
             )
+        earlier = earlier_run(cfg.output_dir)
+        if earlier:
+            raise ConfigError(
+                f"{cfg.output_dir} holds an earlier run's {', '.join(earlier)} (and no checkpoint to resume): a "
+                "new run there would mix with it (its metrics steps twice, adapter numbers going on); choose "
+                "another --output-dir, or delete them to start over"
+            )
         return None
     if cfg.resume == "auto":
-        return latest(root)
+        found = latest(root)
+        earlier = earlier_run(cfg.output_dir)
+        if found is None and earlier and not _same_settings(cfg):
+            raise ConfigError(
+                f"--resume auto: no checkpoint under {root}, and {cfg.output_dir} holds {', '.join(earlier)} of a "
+                f"run with other settings than these (its {CONFIG_FILE}): choose another --output-dir, or delete "
+                "them to start over"
+            )
+        return found
     path = Path(cfg.resume)
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"{path}: not a checkpoint directory (no {STATE_FILE})")
@@ -164,6 +213,9 @@ def restore(
     if path is None:
         if cfg.resume == "auto":
             log.info("--resume auto: no checkpoint under %s, starting at step 1", cfg.output_dir / "checkpoints")
+            if ranks.is_main and earlier_run(cfg.output_dir):  # this run's, died before a checkpoint
+                log.info("removing what this run wrote before it died (%s)", ", ".join(earlier_run(cfg.output_dir)))
+                _roll_back(cfg.output_dir, TrainState(0, 0, None))
         if cfg.init_adapter is None:
             return TrainState(0, 0, None)
         version, adapter = save_next_version(policy, adapter_root, ranks)

@@ -152,14 +152,15 @@ def train(cfg: LearnerConfig) -> Path | None:
     from learner.serving import server_settings
 
     cfg = with_model_sampling_defaults(cfg, model_dir)
+    # A bad --resume, or an earlier run's outputs a fresh start would mix with, stop here (before
+    # config.yaml is rewritten: it tells whether they are this run's).
+    checkpoint.resume_point(cfg)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         # The resolved settings, for reproducing the run; the API key stays out of the file.
-        (cfg.output_dir / "config.yaml").write_text(
-            yaml.safe_dump(cfg.model_dump(mode="json", exclude={"api_key"}), sort_keys=False)
+        (cfg.output_dir / checkpoint.CONFIG_FILE).write_text(
+            yaml.safe_dump(checkpoint.run_settings(cfg), sort_keys=False)
         )
-
-    checkpoint.resume_point(cfg)  # a bad --resume, or checkpoints a fresh start would mix with, stop here
     trackers.check_installed(cfg.report_to)  # a tracker that is not installed, too
     # Joined before the model loads: under NCCL the rank's GPU becomes the current device.
     with ranks, ExitStack() as stack:

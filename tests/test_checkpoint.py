@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from learner import checkpoint
@@ -250,3 +251,40 @@ def test_under_torchrun_only_rank_0_writes_checkpoints(tmp_path: Path) -> None:
     # Rank 1 holds the same state as rank 0 (nothing of it is read): it writes nothing.
     assert checkpoint.save_if_due(cfg, TrainState(1, 1, None), None, None, None, rank_1) is None
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_one_run_per_output_dir_a_fresh_start_over_an_earlier_runs_outputs_is_refused(tmp_path: Path) -> None:
+    """A 5-step run with the default --save-steps 10 leaves no checkpoint: rerunning into its
+    directory appended steps 1-5 twice to metrics.jsonl and numbered adapters on from v000006."""
+    (tmp_path / "adapters").mkdir()  # an empty folder is nothing (compose mounts the adapters volume there)
+    assert checkpoint.resume_point(LearnerConfig(output_dir=tmp_path)) is None
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "adapters" / "v000001").mkdir()
+    with pytest.raises(ConfigError, match=r"holds an earlier run's metrics.jsonl, adapters/ \(and no checkpoint"):
+        checkpoint.resume_point(LearnerConfig(output_dir=tmp_path))
+
+
+def test_resume_auto_without_a_checkpoint_starts_over_only_the_same_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Killed before its first checkpoint (compose restarts it with --resume auto), a run starts over;
+    outputs of a run with other settings are refused instead."""
+    cfg = LearnerConfig(output_dir=tmp_path, resume="auto", steps=7)
+    (tmp_path / checkpoint.CONFIG_FILE).write_text(yaml.safe_dump(checkpoint.run_settings(cfg)))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (tmp_path / "adapters" / "v000001").mkdir(parents=True)
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "step_000001.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"--resume auto: no checkpoint .* of a run with other settings"):
+        checkpoint.resume_point(cfg.model_copy(update={"steps": 8}))
+    assert checkpoint.restore(cfg, *trained(tiny_model_dir, cfg, steps=0)) == TrainState(0, 0, None)
+    assert checkpoint.earlier_run(tmp_path) == []  # what it wrote before it died is gone
+    assert (tmp_path / checkpoint.CONFIG_FILE).is_file()
+
+
+def test_the_cli_refuses_a_fresh_start_into_a_used_output_dir_before_loading_a_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "none"), "--output-dir", str(tmp_path)])
+    assert e.value.code == 2
+    assert "holds an earlier run's metrics.jsonl" in capsys.readouterr().err
