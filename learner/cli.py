@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from learner.data import load_data
-from shared.cli import add_model_flags, deep_merge, given_overrides
+from shared.cli import add_model_flags, deep_merge, given_overrides, model_dir_problem
 from shared.config import LearnerConfig
 from shared.errors import ConfigError, GrpoError
 
@@ -133,7 +133,8 @@ def train(cfg: LearnerConfig) -> Path | None:
     from learner import reward_funcs
     from learner.distributed import Distributed
 
-    reward_funcs.load(cfg)  # so do unknown or broken reward functions
+    # So do unknown or broken reward functions, and ones whose arguments are not the data's columns.
+    reward_funcs.check_columns(reward_funcs.load(cfg), data.train, cfg)
     if cfg.sampling.top_p < 1 or cfg.sampling.top_k != -1:
         log.warning(
             "top_p/top_k truncate the sampler's distribution; the learner's logprobs are not truncated, "
@@ -143,7 +144,7 @@ def train(cfg: LearnerConfig) -> Path | None:
     ranks.check_divides(cfg.prompts_per_step)  # and a batch that does not split over them
     if ranks.world_size > 1:
         cfg = _under_torchrun(cfg, ranks)
-    model_dir = cfg.model or _default_model()
+    model_dir = _model_dir(cfg)
 
     from learner import checkpoint, loop, trackers
     from learner.local_server import local_rollout_server, server_flags
@@ -210,7 +211,7 @@ def prepare_server(cfg: LearnerConfig, out_dir: Path) -> Path:
     from learner import serving
     from learner.model import load_policy, with_model_sampling_defaults
 
-    model_dir = cfg.model or _default_model()
+    model_dir = _model_dir(cfg)
     cfg = with_model_sampling_defaults(cfg, model_dir)
     policy, _ = load_policy(model_dir, cfg)
     args_file = serving.prepare_server(cfg, policy, model_dir, out_dir)
@@ -229,6 +230,15 @@ def _under_torchrun(cfg: LearnerConfig, ranks: Distributed) -> LearnerConfig:
     if cfg.sleep_server:
         log.info("under torchrun the rollout servers are not put to sleep (see --sleep-server)")
     return cfg.model_copy(update={"sleep_server": False})
+
+
+def _model_dir(cfg: LearnerConfig) -> str:
+    """--model, checked before anything loads it, or the bundled tiny model (built once)."""
+    if cfg.model is None:
+        return _default_model()
+    if (problem := model_dir_problem(cfg.model)) is not None:
+        raise ConfigError(problem)
+    return cfg.model
 
 
 def _default_model() -> str:

@@ -96,6 +96,30 @@ def load(cfg: LearnerConfig) -> list[RewardFunc]:
     return funcs
 
 
+def check_columns(funcs: list[RewardFunc], rows: list[Row], cfg: LearnerConfig) -> None:
+    """ConfigError naming a Python function's required argument that is neither one of ARGUMENTS nor
+    a column of every row: found before any model loads, not at step 1 (TRL's functions take the
+    dataset's columns by name, e.g. `accuracy_reward(completions, solution, **kwargs)`)."""
+    columns = set.intersection(*({*_answer_columns(row, cfg.answer_key), *row.extra} for row in rows))
+    for func in funcs:
+        if func.fn is None:
+            continue
+        required = [
+            p.name
+            for p in inspect.signature(func.fn).parameters.values()
+            if p.default is p.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in ARGUMENTS
+        ]
+        missing = [name for name in required if name not in columns]
+        if missing:
+            raise ConfigError(
+                f"reward function {func.entry}: its required argument(s) {', '.join(map(repr, missing))} are not "
+                f"columns of every row of {cfg.data} (its columns: {', '.join(sorted(columns)) or 'none'}); rename "
+                "a column (--prompt-key / --answer-key, or in the data), or give the argument a default"
+            )
+
+
 def is_the_mode_reward(cfg: LearnerConfig) -> bool:
     """Whether the reward is exactly the mode's built-in: no reward_funcs, or it alone at weight 1."""
     return cfg.reward_funcs in (None, [scoring.mode_reward(cfg)]) and cfg.reward_weights in (None, [1.0])

@@ -347,3 +347,22 @@ def test_a_failing_function_leaves_the_policy_and_optimizer_untouched(tiny_polic
         assert torch.equal(param, before[name]), name
         assert param.grad is None, name
     assert optimizer.state_dict()["state"] == {}  # no step taken
+
+
+def test_a_functions_required_argument_that_is_no_column_is_refused_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It failed at step 1, ~50 s in, after the server had started: `accuracy_reward() missing 1
+    required positional argument: 'solution'`."""
+    fn = [f"{PROBES}:accuracy_reward"]
+    rows = [SupervisedRow(prompt="2+3=", answer="5")]
+    with pytest.raises(ConfigError, match=r"'solution' are not columns of every row of .* \(its columns: answer\)"):
+        reward_funcs.check_columns(
+            reward_funcs.load(LearnerConfig(mode="supervised", reward_funcs=fn)), rows, LearnerConfig()
+        )
+    renamed = LearnerConfig(mode="supervised", answer_key="solution", reward_funcs=fn)  # the column, by its name
+    reward_funcs.check_columns(reward_funcs.load(renamed), rows, renamed)
+    argv = ["--mode", "supervised", "--data", "examples/supervised.jsonl", "--reward-funcs", *fn]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--model", str(tmp_path / "none"), "--output-dir", str(tmp_path)])  # no model is reached
+    assert e.value.code == 2 and "'solution' are not columns" in capsys.readouterr().err
