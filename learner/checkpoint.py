@@ -81,6 +81,7 @@ def save_if_due(
     done = sorted(_complete(root), key=_step)
     for old in done[: -cfg.save_total_limit] if cfg.save_total_limit else []:
         _remove(old)
+    log.info("checkpoint written: %s (--resume auto goes on from here)", path)
     return path
 
 

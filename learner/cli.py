@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     """Validate config and data, then train; errors of ours exit 2 with one clear line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress bar
+    cfg = None
     try:
         cfg, prepare_dir = parse_args(argv)
         if prepare_dir is None:
@@ -123,6 +125,26 @@ def main(argv: list[str] | None = None) -> None:
     except GrpoError as e:
         print(f"grpo-learner: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ngrpo-learner: {interrupted(cfg, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        sys.exit(130)
+
+
+def interrupted(cfg: LearnerConfig | None, argv: list[str]) -> str:
+    """What a Ctrl-C left: the last step done, the newest checkpoint, and the command that resumes."""
+    if cfg is None:
+        return "interrupted"
+    from learner import checkpoint
+    from learner.run_log import last_step
+
+    done = last_step(cfg.output_dir / "metrics.jsonl")
+    newest = checkpoint.latest(cfg.output_dir / "checkpoints")
+    what = f"interrupted during step {done + 1} (steps 1-{done} done)" if done else "interrupted before step 1 ended"
+    if newest is None:
+        return f"{what}; no checkpoint yet (one every --save-steps {cfg.save_steps} steps): nothing to resume"
+    resume = [arg for i, arg in enumerate(argv) if arg != "--resume" and (i == 0 or argv[i - 1] != "--resume")]
+    command = shlex.join(["grpo-learner", *resume, "--resume", "auto"])
+    return f"{what}; newest checkpoint {newest}; resume with:\n  {command}"
 
 
 def train(cfg: LearnerConfig) -> Path | None:

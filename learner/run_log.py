@@ -232,6 +232,14 @@ def drop_samples_after(samples_dir: Path, step: int) -> None:
             path.unlink()
 
 
+def last_step(path: Path) -> int:
+    """The highest step metrics.jsonl `path` has a row for (0: none, or no file)."""
+    if not path.is_file():
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+    return max((row["step"] for row in rows), default=0)
+
+
 def drop_steps_after(path: Path, step: int) -> None:
     """Rewrite metrics.jsonl `path` (if any) without its rows of steps after `step`, atomically: a
     run resumed from step `step`'s checkpoint redoes those steps and logs them again."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from pathlib import Path
@@ -153,10 +154,18 @@ def test_latest_is_the_highest_complete_step(tmp_path: Path) -> None:
     assert checkpoint.latest(root) == root / "step-000010"  # by number, not by name: 10 > 9
 
 
-def test_only_the_last_k_checkpoints_are_kept_and_only_every_n_steps(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_only_the_last_k_checkpoints_are_kept_and_only_every_n_steps(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = LearnerConfig(output_dir=tmp_path, save_steps=2, save_total_limit=2)
     policy, optimizer, prompts = trained(tiny_model_dir, cfg)
-    written = [checkpoint.save_if_due(cfg, TrainState(s, s, None), policy, optimizer, prompts) for s in range(1, 8)]
+    with caplog.at_level(logging.INFO, logger="learner"):
+        written = [checkpoint.save_if_due(cfg, TrainState(s, s, None), policy, optimizer, prompts) for s in range(1, 8)]
+    # One line a checkpoint, saying where (a user sees it beside the progress bar).
+    assert [r.getMessage() for r in caplog.records if "checkpoint written" in r.getMessage()] == [
+        f"checkpoint written: {tmp_path / 'checkpoints' / name} (--resume auto goes on from here)"
+        for name in ("step-000002", "step-000004", "step-000006")
+    ]
     assert [p.name if p else None for p in written] == [
         None,
         "step-000002",

@@ -149,3 +149,19 @@ def test_a_hub_id_is_left_to_transformers() -> None:
     from shared.cli import model_dir_problem
 
     assert model_dir_problem("Qwen/Qwen2.5-0.5B") is None
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_the_command_that_resumes(tmp_path: Path, capsys) -> None:
+    """A 25-line KeyboardInterrupt traceback before; here the interrupt comes from importing a reward
+    function, the last thing the CLI does before loading the model."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{}")
+    argv = ["--output-dir", str(tmp_path), "--resume", "auto", "--reward-funcs", "tests/reward_fns/interrupt.py:never"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted during step 4 (steps 1-3 done); newest checkpoint " in err and "step-000002" in err
+    resume = f"grpo-learner --output-dir {tmp_path} --reward-funcs tests/reward_fns/interrupt.py:never --resume auto"
+    assert f"resume with:\n  {resume}\n" in err and "Traceback" not in err
