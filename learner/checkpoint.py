@@ -122,9 +122,10 @@ def latest(root: Path) -> Path | None:
     return max(_complete(root), key=_step, default=None)
 
 
-RUN_OUTPUTS = ("metrics.jsonl", "adapters", "samples", "checkpoints", "tensorboard")
-"""What a run writes under output_dir as it trains (config.yaml, server.log and served-base are
-written before step 1, and rewritten by the next run)."""
+RUN_OUTPUTS = ("metrics.jsonl", "samples", "checkpoints", "tensorboard")
+"""What a run writes under output_dir as it trains, from step 1 on (config.yaml, server.log and
+served-base are written before, and rewritten by the next run). Adapter versions alone are not a
+run's: a server's adapter root may hold other learners' (compose mounts its volume there)."""
 CONFIG_FILE = "config.yaml"
 
 
@@ -154,11 +155,8 @@ def _same_settings(cfg: LearnerConfig) -> bool:
 
 def resume_point(cfg: LearnerConfig) -> Path | None:
     """The checkpoint `cfg.resume` names: 'auto' the latest under output_dir/checkpoints (None if
-    none), else the directory given. One run per output_dir: a fresh start into a directory that
-    holds an earlier run's checkpoints or training outputs is refused (its metrics steps would
-    appear twice, its adapter numbers go on, its samples be overwritten), and so is 'auto' with no
-    checkpoint there, unless those outputs are this very run's (the same settings in config.yaml:
-    it died before its first checkpoint), which then starts over (`restore`)."""
+    none), else the directory given. A fresh start over existing checkpoints is refused: its
+    checkpoints would collide with theirs by step number, and 'auto' would mix the two runs."""
     root = cfg.output_dir / "checkpoints"
     if cfg.resume is None:
         found = latest(root)
@@ -167,28 +165,41 @@ def resume_point(cfg: LearnerConfig) -> Path | None:
                 f"{root} holds checkpoints of an earlier run (newest {found.name}): pass --resume auto to "
                 "continue it, choose another --output-dir, or delete them to start over"
             )
-        earlier = earlier_run(cfg.output_dir)
-        if earlier:
-            raise ConfigError(
-                f"{cfg.output_dir} holds an earlier run's {', '.join(earlier)} (and no checkpoint to resume): a "
-                "new run there would mix with it (its metrics steps twice, adapter numbers going on); choose "
-                "another --output-dir, or delete them to start over"
-            )
         return None
     if cfg.resume == "auto":
-        found = latest(root)
-        earlier = earlier_run(cfg.output_dir)
-        if found is None and earlier and not _same_settings(cfg):
-            raise ConfigError(
-                f"--resume auto: no checkpoint under {root}, and {cfg.output_dir} holds {', '.join(earlier)} of a "
-                f"run with other settings than these (its {CONFIG_FILE}): choose another --output-dir, or delete "
-                "them to start over"
-            )
-        return found
+        return latest(root)
     path = Path(cfg.resume)
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"{path}: not a checkpoint directory (no {STATE_FILE})")
     return path
+
+
+def check_one_run(cfg: LearnerConfig) -> None:
+    """One run per output_dir (grpo-learner checks it before anything loads): a fresh start into a
+    directory that holds an earlier run's outputs is refused (its metrics steps would appear twice,
+    its adapter numbers go on, its samples be overwritten), and so is --resume auto with no
+    checkpoint there, unless those outputs are this very run's (the same settings in config.yaml:
+    it died before its first checkpoint, as compose restarts it), which then starts over (`restore`)."""
+    resume_point(cfg)  # a bad --resume, or checkpoints a fresh start would collide with
+    earlier = earlier_run(cfg.output_dir)
+    if (
+        not earlier
+        or (cfg.resume == "auto" and latest(cfg.output_dir / "checkpoints"))
+        or cfg.resume not in (None, "auto")
+    ):
+        return
+    if cfg.resume is None:
+        raise ConfigError(
+            f"{cfg.output_dir} holds an earlier run's {', '.join(earlier)} (and no checkpoint to resume): a new "
+            "run there would mix with it (its metrics steps twice, adapter numbers going on); choose another "
+            "--output-dir, or delete them to start over"
+        )
+    if not _same_settings(cfg):
+        raise ConfigError(
+            f"--resume auto: no checkpoint under {cfg.output_dir / 'checkpoints'}, and {cfg.output_dir} holds "
+            f"{', '.join(earlier)} of a run with other settings than these (its {CONFIG_FILE}): choose another "
+            "--output-dir, or delete them to start over"
+        )
 
 
 def restore(

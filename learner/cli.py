@@ -177,7 +177,7 @@ def train(cfg: LearnerConfig) -> Path | None:
     cfg = with_model_sampling_defaults(cfg, model_dir)
     # A bad --resume, or an earlier run's outputs a fresh start would mix with, stop here (before
     # config.yaml is rewritten: it tells whether they are this run's).
-    checkpoint.resume_point(cfg)
+    checkpoint.check_one_run(cfg)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         # The resolved settings, for reproducing the run; the API key stays out of the file.

@@ -272,12 +272,13 @@ def test_under_torchrun_only_rank_0_writes_checkpoints(tmp_path: Path) -> None:
 def test_one_run_per_output_dir_a_fresh_start_over_an_earlier_runs_outputs_is_refused(tmp_path: Path) -> None:
     """A 5-step run with the default --save-steps 10 leaves no checkpoint: rerunning into its
     directory appended steps 1-5 twice to metrics.jsonl and numbered adapters on from v000006."""
-    (tmp_path / "adapters").mkdir()  # an empty folder is nothing (compose mounts the adapters volume there)
-    assert checkpoint.resume_point(LearnerConfig(output_dir=tmp_path)) is None
+    (tmp_path / "adapters" / "v000001").mkdir(parents=True)  # a server's adapter root may hold others'
+    (tmp_path / "samples").mkdir()  # an empty folder is nothing
+    assert checkpoint.check_one_run(LearnerConfig(output_dir=tmp_path)) is None
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    (tmp_path / "adapters" / "v000001").mkdir()
-    with pytest.raises(ConfigError, match=r"holds an earlier run's metrics.jsonl, adapters/ \(and no checkpoint"):
-        checkpoint.resume_point(LearnerConfig(output_dir=tmp_path))
+    (tmp_path / "samples" / "step_000001.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"holds an earlier run's metrics.jsonl, samples/ \(and no checkpoint"):
+        checkpoint.check_one_run(LearnerConfig(output_dir=tmp_path))
 
 
 def test_resume_auto_without_a_checkpoint_starts_over_only_the_same_run(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -290,7 +291,7 @@ def test_resume_auto_without_a_checkpoint_starts_over_only_the_same_run(tiny_mod
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "step_000001.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match=r"--resume auto: no checkpoint .* of a run with other settings"):
-        checkpoint.resume_point(cfg.model_copy(update={"steps": 8}))
+        checkpoint.check_one_run(cfg.model_copy(update={"steps": 8}))
     assert checkpoint.restore(cfg, *trained(tiny_model_dir, cfg, steps=0)) == TrainState(0, 0, None)
     assert checkpoint.earlier_run(tmp_path) == []  # what it wrote before it died is gone
     assert (tmp_path / checkpoint.CONFIG_FILE).is_file()

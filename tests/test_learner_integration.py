@@ -160,8 +160,12 @@ def test_the_cli_trains_on_parquet_chat_prompts_with_a_reward_function_by_path_a
         for b in range(3)
     ]
     datasets.Dataset.from_list(rows).to_parquet(str(data))
-    out = run_dir  # the server's adapter root
-    before = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+    out = run_dir  # the server's adapter root is out/adapters
+    # One run per output directory: the earlier tests' outputs go (their adapter versions stay: the
+    # shared server serves them).
+    for name in ("samples", "tensorboard", "checkpoints"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
     main(
         [
             *("--mode", "supervised", "--data", str(data), "--model", str(tiny_model_dir)),
@@ -173,7 +177,7 @@ def test_the_cli_trains_on_parquet_chat_prompts_with_a_reward_function_by_path_a
         ]
     )
 
-    rows_out = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[before:]]
+    rows_out = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows_out if "reward_mean" in r]
     assert [r["step"] for r in train] == [1, 2]
     assert all(0 <= r["rewards/exact_match/mean"] <= 1 for r in train)
