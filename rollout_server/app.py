@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from rollout_server.engine import RolloutEngine, VllmEngine
 from rollout_server.guard import RequestGuard
-from rollout_server.http_errors import OPENAI_PATHS, STATUS, error_body
+from rollout_server.http_errors import STATUS, error_body, is_openai_path
 from rollout_server.openai_routes import openai_router
 from rollout_server.routes import router
 from rollout_server.service import RolloutService
@@ -99,7 +99,7 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     routes; FastAPI's answer elsewhere."""
     assert isinstance(exc, HTTPException)
     path = request.scope["path"]
-    if path not in OPENAI_PATHS:
+    if not is_openai_path(path):
         return await http_exception_handler(request, exc)
     body = error_body(path, exc.status_code, _cut(str(exc.detail), _MAX_DETAIL_CHARS))
     return JSONResponse(body, exc.status_code, headers=exc.headers)

@@ -69,7 +69,13 @@ route with a body answers it."""
 
 
 OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
-"""The routes whose errors answer OpenAI's shape, `OpenAIErrorResponse`."""
+"""The routes whose errors answer OpenAI's shape, `OpenAIErrorResponse`, with every path under
+/v1/models/ (OpenAI's retrieve-model route, `is_openai_path`)."""
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether errors on `path` (a request's, or a route's template) answer OpenAI's shape."""
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
 
 
 def error_responses(
@@ -90,7 +96,7 @@ def error_responses(
 def error_body(path: str, status: int, message: str, error: type[Exception] | None = None) -> dict[str, Any]:
     """The JSON body of an error answer on `path`: `{"detail": message}`, or on an OpenAI route
     OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
-    if path not in OPENAI_PATHS:
+    if not is_openai_path(path):
         return ErrorResponse(detail=message).model_dump()
     if status == 401:
         kind = "authentication_error"

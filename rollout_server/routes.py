@@ -31,6 +31,7 @@ from shared.schemas import (
     AdapterInfo,
     HealthResponse,
     LoadLoraAdapterRequest,
+    ModelCard,
     ModelsResponse,
     RolloutRequest,
     RolloutResponse,
@@ -137,6 +138,19 @@ async def unload_lora_adapter(body: UnloadLoraAdapterRequest, service: ServiceDe
 @router.get("/v1/models", responses=error_responses())
 async def models(service: ServiceDep) -> ModelsResponse:
     return ModelsResponse(data=service.models())
+
+
+@router.get(
+    "/v1/models/{model_id:path}", responses=error_responses(RequestValidationError, AdapterNotFoundError, openai=True)
+)
+async def model(model_id: str, service: ServiceDep) -> ModelCard:
+    """OpenAI's retrieve-model route: the base model or a served adapter, by its id in /v1/models."""
+    for card in service.models():
+        if card.id == model_id:
+            return card
+    raise AdapterNotFoundError(
+        f"the model {model_id!r} does not exist here: GET /v1/models lists the base model and the served adapters"
+    )
 
 
 @router.post("/sleep", responses=error_responses(RequestValidationError, EngineDeadError))

@@ -284,3 +284,19 @@ def test_the_base_is_also_named_by_the_model_path_the_server_started_with(
 ) -> None:
     body = complete(client, model=cfg.model)
     assert body["policy_version"] == 0 and body["choices"][0]["text"] == "v0-0"
+
+
+def test_a_model_is_retrieved_by_id_and_an_unknown_one_answers_openais_404(
+    client: TestClient, cfg: ServerConfig
+) -> None:
+    """It answered FastAPI's {"detail": "Not Found"}: OpenAI's clients showed no message."""
+    load_policy(client, cfg)
+    card = client.get("/v1/models/policy")
+    assert card.status_code == 200 and (card.json()["id"], card.json()["version"]) == ("policy", 1)
+    base = client.get("/v1/models").json()["data"][0]["id"]
+    assert client.get(f"/v1/models/{base}").json()["kind"] == "base"
+    missing = client.get("/v1/models/nope")
+    assert missing.status_code == 404
+    error = missing.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("not_found_error", "model", "model_not_found")
+    assert "'nope' does not exist here" in error["message"]

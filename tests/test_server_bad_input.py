@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from rollout_server.app import build_app
 from rollout_server.guard import PUBLIC_PATHS
-from rollout_server.http_errors import OPENAI_PATHS
+from rollout_server.http_errors import is_openai_path
 from rollout_server.samples import SampleStore
 from shared.config import ServerConfig
 from shared.schemas import Completion, ErrorResponse, PromptRollout, RolloutRequest, SampleRecord, SampleScores
@@ -547,7 +547,7 @@ def test_every_error_status_is_declared_with_the_one_error_body(client: TestClie
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             # The OpenAI-compatible routes answer OpenAI's error shape, for OpenAI's clients.
-            model = "OpenAIErrorResponse" if path in OPENAI_PATHS else "ErrorResponse"
+            model = "OpenAIErrorResponse" if is_openai_path(path) else "ErrorResponse"
             error_body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}
             errors = {status: r for status, r in operation["responses"].items() if status != "200"}
             assert all(r["content"] == error_body for r in errors.values()), (method, path)
