@@ -1,8 +1,8 @@
 """Experiment trackers (`--report-to`): where a run's metrics and samples go besides metrics.jsonl.
 
 A tracker takes what `RunLog` already computed, nothing more: scalars by name per step, and a few
-sample completions as text. TensorBoard is the one there is; another (W&B, Trackio) is one more
-class with the same three methods and one more `if` in `open_trackers`.
+sample completions as text: TensorBoard, and Trackio (TRL's recommended local tracker). Another
+(W&B) is one more class with the same three methods and one more `if` in `open_trackers`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def open_trackers(report_to: list[str], output_dir: Path, *, done: int = 0) -> l
     trackers: list[Tracker] = []
     if "tensorboard" in report_to:
         trackers.append(TensorBoardTracker(output_dir / "tensorboard", done=done))
+    if "trackio" in report_to:
+        trackers.append(TrackioTracker(output_dir, done=done))
     return trackers
 
 
@@ -55,6 +57,8 @@ def check_installed(report_to: list[str]) -> None:
     a model, not after."""
     if "tensorboard" in report_to:
         _summary_writer()
+    if "trackio" in report_to:
+        _trackio()
 
 
 class TensorBoardTracker:
@@ -81,6 +85,52 @@ class TensorBoardTracker:
     def close(self) -> None:
         """Flush and close the event file."""
         self._writer.close()
+
+
+class TrackioTracker:
+    """Trackio's local database (in TRACKIO_DIR, by default ~/.cache/huggingface/trackio; `trackio
+    show --project grpo-lora` opens its dashboard): project "grpo-lora", a run named after
+    output_dir, a scalar per metric and each step's samples as a table under "samples". A resumed
+    run goes on in the same Trackio run; Trackio keeps what the killed run logged past the
+    checkpoint (it has no purge), so those steps appear twice."""
+
+    PROJECT = "grpo-lora"
+
+    def __init__(self, output_dir: Path, *, done: int = 0) -> None:
+        self._trackio = _trackio()
+        self._trackio.init(
+            project=self.PROJECT,
+            name=output_dir.resolve().name,
+            resume="allow" if done else "never",
+            embed=False,
+            auto_log_cpu=False,
+            auto_log_gpu=False,
+        )
+
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """All of a step's scalars in one entry."""
+        self._trackio.log(dict(scalars), step=step)
+
+    def log_samples(self, step: int, samples: list[TextSample]) -> None:
+        """A table with a row per sample: prompt, completion, reward."""
+        rows = [[s.prompt, s.completion, s.reward] for s in samples]
+        self._trackio.log(
+            {"samples": self._trackio.Table(columns=["prompt", "completion", "reward"], data=rows)}, step=step
+        )
+
+    def close(self) -> None:
+        """Finish the run (Trackio writes its database as it goes)."""
+        self._trackio.finish()
+
+
+def _trackio():
+    try:
+        import trackio
+    except ImportError as e:
+        raise ConfigError(
+            f"--report-to trackio needs the trackio package ({e}): pip install 'grpo-lora[trackio]'"
+        ) from e
+    return trackio
 
 
 def _summary_writer() -> type:

@@ -291,10 +291,11 @@ class LearnerConfig(_Strict):
     """Seed of data order, LoRA init and sampling."""
     sample_every: int = Field(1, ge=0)
     """Print one sample completion every this many steps (0: never)."""
-    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+    report_to: list[Literal["tensorboard", "trackio"]] = Field(default_factory=list)
     """Trackers that also get every step's metrics and a few sample completions (metrics.jsonl and
     output_dir/samples are written anyway): tensorboard, event files in output_dir/tensorboard
-    (pip install 'grpo-lora[tensorboard]')."""
+    (pip install 'grpo-lora[tensorboard]'); trackio, TRL's recommended local tracker, project
+    "grpo-lora" in Trackio's database (TRACKIO_DIR; `trackio show`; pip install 'grpo-lora[trackio]')."""
     tracker_samples: int = Field(4, ge=0)
     """Completions per step the trackers show as text: the first of each of the first this many prompts."""
     save_steps: int = Field(10, ge=0)

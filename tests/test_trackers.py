@@ -1,7 +1,12 @@
-"""--report-to: the TensorBoard tracker's event files, read back as TensorBoard reads them."""
+"""--report-to: the TensorBoard tracker's event files, read back as TensorBoard reads them, and
+Trackio's database, read back with sqlite."""
 
 from __future__ import annotations
 
+import json
+import os
+import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
@@ -99,3 +104,39 @@ def test_tensorboard_asked_for_but_not_installed_is_a_config_error_with_the_inst
         check_installed(["tensorboard"])
     with pytest.raises(ConfigError, match="tensorboard"):
         RunLog(LearnerConfig(output_dir=tmp_path, report_to=["tensorboard"]))
+
+
+TRACKIO_RUN = """
+import sys
+from pathlib import Path
+
+from learner.run_log import RunLog
+from shared.config import LearnerConfig
+from tests.test_run_log import learned, log_step, rollout
+
+cfg = LearnerConfig(output_dir=Path(sys.argv[1]), steps=2, sample_every=0, report_to=["trackio"], tracker_samples=1)
+log = RunLog(cfg)
+for step, reward in [(1, 0.0), (2, 0.5)]:
+    stops = rollout([["stop", "stop"], ["stop", "stop"]])
+    log_step(log, step, step, stops, learned([[reward, reward], [reward, reward]]), prompts=["12+7=", "1+1="])
+log.close()
+"""
+
+
+def test_a_run_log_with_trackio_writes_scalars_and_samples_to_its_database(tmp_path: Path) -> None:
+    """In a process of its own: Trackio reads TRACKIO_DIR (where its database goes) at import."""
+    pytest.importorskip("trackio", reason="the trackio extra is not installed")
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio")}
+    done = subprocess.run(
+        [sys.executable, "-c", TRACKIO_RUN, str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with sqlite3.connect(tmp_path / "trackio" / "grpo-lora.db") as db:
+        rows = [
+            (run, step, json.loads(metrics))
+            for run, step, metrics in db.execute("select run_name, step, metrics from metrics")
+        ]
+    scalars = [(step, m["reward_mean"]) for run, step, m in rows if "reward_mean" in m]
+    assert scalars == [(1, 0.0), (2, 0.5)] and {run for run, _, _ in rows} == {"run"}
+    (table,) = [m["samples"]["_value"] for _, step, m in rows if "samples" in m and step == 2]
+    assert table == [{"prompt": "12+7=", "completion": table[0]["completion"], "reward": 0.5}]
