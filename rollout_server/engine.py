@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from shared.config import ServerConfig
 from shared.device import check_gpu_usable
 from shared.errors import EngineDeadError, InvalidRequestError
 from shared.prompts import prompt_token_ids
-from shared.schemas import Completion, Prompt, RolloutRequest
+from shared.schemas import Completion, Prompt, RolloutRequest, TokenLogprobs
+
+
+class Generated(NamedTuple):
+    """What the engine generates for one prompt."""
+
+    completions: list[Completion]
+    """Exactly `request.n`."""
+    prompt_logprobs: list[TokenLogprobs | None] | None
+    """With `request.prompt_logprobs`: PromptRollout.prompt_logprobs; else None."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +75,8 @@ class RolloutEngine(Protocol):
         seed: int | None,
         lora: LoraHandle | None,
         request_id: str,
-    ) -> list[Completion]:
-        """Exactly `request.n` completions of one prompt."""
+    ) -> Generated:
+        """Exactly `request.n` completions of one prompt (and its prompt log-probabilities when asked)."""
         ...
 
     async def add_lora(self, lora: LoraHandle) -> None:
@@ -99,6 +108,11 @@ class RolloutEngine(Protocol):
     def shutdown(self) -> None:
         """Stop the engine and its processes."""
         ...
+
+
+def _by_id(step: dict) -> TokenLogprobs:
+    """vLLM's {token id: Logprob} at one position, as plain log-probabilities."""
+    return {token_id: logprob.logprob for token_id, logprob in step.items()}
 
 
 def engine_args(cfg: ServerConfig, device: str):
@@ -178,7 +192,7 @@ class VllmEngine:
         seed: int | None,
         lora: LoraHandle | None,
         request_id: str,
-    ) -> list[Completion]:
+    ) -> Generated:
         from vllm import SamplingParams, TokensPrompt
         from vllm.exceptions import VLLMValidationError
         from vllm.lora.request import LoRARequest
@@ -194,7 +208,8 @@ class VllmEngine:
                 top_k=request.top_k,
                 seed=seed,
                 stop=request.stop or None,
-                logprobs=0,  # the sampled token's logprob at every position
+                logprobs=request.logprobs,  # the sampled token's logprob at every position (+ the top k)
+                prompt_logprobs=request.prompt_logprobs,
                 # The default streaming kind can end with fewer than n completions (measured: 6 of 8).
                 output_kind=RequestOutputKind.FINAL_ONLY,
             )
@@ -214,15 +229,20 @@ class VllmEngine:
         except VllmEngineDeadError as e:
             raise EngineDeadError(self.dead_reason() or "the vLLM engine core is dead") from e
         assert final is not None and len(final.outputs) == request.n, "vLLM lost completions"
-        return [
+        completions = [
             Completion(
                 text=out.text,
                 token_ids=list(out.token_ids),
                 logprobs=[step[tok].logprob for tok, step in zip(out.token_ids, out.logprobs or [], strict=True)],
                 finish_reason=out.finish_reason,
+                top_logprobs=[_by_id(step) for step in out.logprobs or []] if request.logprobs else None,
             )
             for out in sorted(final.outputs, key=lambda o: o.index)
         ]
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None:
+            prompt_logprobs = [None if step is None else _by_id(step) for step in final.prompt_logprobs or []]
+        return Generated(completions, prompt_logprobs)
 
     async def add_lora(self, lora: LoraHandle) -> None:
         from vllm.lora.request import LoRARequest

@@ -41,8 +41,10 @@ from shared.schemas import (
     OpenAITokenLogprob,
     OpenAIUsage,
     Prompt,
+    PromptRollout,
     RolloutRequest,
     RolloutResponse,
+    TokenLogprobs,
 )
 
 openai_router = APIRouter()
@@ -61,33 +63,68 @@ _RAISED = (
 
 @openai_router.post("/v1/completions", responses=error_responses(*_RAISED, openai=True))
 async def completions(body: OpenAICompletionRequest, service: ServiceDep, request: Request) -> OpenAICompletionResponse:
-    """n completions of each prompt text, in OpenAI's legacy completions shape."""
-    prompts: list[Prompt] = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-    rollout = await _rollout(body, prompts, body.max_tokens, service, request)
-    choices = [
-        OpenAICompletionChoice(
-            index=index,
-            text=completion.text,
-            logprobs=None if body.logprobs is None else _completion_logprobs(completion, service),
-            finish_reason=completion.finish_reason,
-        )
-        for index, completion in enumerate(c for result in rollout.results for c in result.completions)
-    ]
+    """n completions of each prompt (texts or token ids), in OpenAI's legacy completions shape; with
+    echo, each prompt's own log-probabilities first (lm-evaluation-harness's loglikelihood)."""
+    texts, token_ids = _completion_prompts(body.prompt)
+    top = body.logprobs or 0
+    if body.max_tokens == 0 and not body.echo:
+        raise UnsupportedFeatureError("max_tokens=0 generates nothing: give echo=true to get the prompt's logprobs")
+    rollout = await _rollout(
+        body,
+        max(body.max_tokens, 1),  # max_tokens 0: one token is sampled, and left out of the answer
+        service,
+        request,
+        prompts=texts,
+        prompt_token_ids=token_ids,
+        logprobs=top,
+        prompt_logprobs=top if body.echo and body.logprobs is not None else None,
+    )
+    generated = body.max_tokens > 0
+    choices = []
+    for result in rollout.results:
+        echoed = (result.prompt if isinstance(result.prompt, str) else _joined(result.prompt_token_ids, service)) or ""
+        for completion in result.completions:
+            choices.append(
+                OpenAICompletionChoice(
+                    index=len(choices),
+                    text=(echoed if body.echo else "") + (completion.text if generated else ""),
+                    logprobs=None
+                    if body.logprobs is None
+                    else _completion_logprobs(result, completion, service, echo=bool(body.echo), generated=generated),
+                    finish_reason=completion.finish_reason if generated else "length",
+                )
+            )
     return OpenAICompletionResponse(
         id=f"cmpl-{rollout.rollout_id}",
         created=int(rollout.created_at.timestamp()),
         model=body.model,
         choices=choices,
-        usage=_usage(rollout),
+        usage=_usage(rollout, generated=generated),
         policy_version=rollout.policy_version,
     )
+
+
+def _completion_prompts(prompt: str | list) -> tuple[list[Prompt] | None, list[list[int]] | None]:
+    """A completion request's prompt as texts, or as token-id prompts (one or several)."""
+    if isinstance(prompt, str):
+        return [prompt], None
+    if isinstance(prompt[0], str):
+        return list(prompt), None
+    if isinstance(prompt[0], int):
+        return None, [list(prompt)]
+    return None, [list(ids) for ids in prompt]
+
+
+def _joined(token_ids: list[int], service: RolloutService) -> str:
+    return "".join(service.token_texts(token_ids))
 
 
 @openai_router.post("/v1/chat/completions", responses=error_responses(*_RAISED, openai=True))
 async def chat_completions(body: OpenAIChatRequest, service: ServiceDep, request: Request) -> OpenAIChatResponse:
     """n assistant turns answering the conversation, rendered by the model's chat template."""
     max_tokens = body.max_completion_tokens or body.max_tokens
-    rollout = await _rollout(body, [body.messages], max_tokens, service, request)
+    top = (body.top_logprobs or 0) if body.logprobs else 0
+    rollout = await _rollout(body, max_tokens, service, request, prompts=[body.messages], logprobs=top)
     choices = [
         OpenAIChatChoice(
             index=index,
@@ -109,12 +146,17 @@ async def chat_completions(body: OpenAIChatRequest, service: ServiceDep, request
 
 async def _rollout(
     body: OpenAICompletionRequest | OpenAIChatRequest,
-    prompts: list[Prompt],
     max_tokens: int,
     service: RolloutService,
     request: Request,
+    *,
+    prompts: list[Prompt] | None = None,
+    prompt_token_ids: list[list[int]] | None = None,
+    logprobs: int = 0,
+    prompt_logprobs: int | None = None,
 ) -> RolloutResponse:
-    """`body`'s sampling of `prompts` as a rollout of the adapter its `model` names."""
+    """`body`'s sampling of `prompts` (or `prompt_token_ids`) as a rollout of the adapter its
+    `model` names, with `logprobs` alternatives per token and `prompt_logprobs` as a rollout's."""
     if body.stream:
         raise UnsupportedFeatureError("stream=true: this server does not stream; leave 'stream' false")
     adapter = service.adapter_of(body.model)
@@ -122,6 +164,9 @@ async def _rollout(
     try:
         rollout_request = RolloutRequest(
             prompts=prompts,
+            prompt_token_ids=prompt_token_ids,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             n=body.n,
             max_tokens=max_tokens,
             temperature=body.temperature,
@@ -137,28 +182,66 @@ async def _rollout(
     return await cancelled_on_disconnect(request, service.rollout(rollout_request))
 
 
-def _usage(rollout: RolloutResponse) -> OpenAIUsage:
+def _usage(rollout: RolloutResponse, *, generated: bool = True) -> OpenAIUsage:
     prompt_tokens = sum(len(result.prompt_token_ids) for result in rollout.results)
-    completion_tokens = sum(len(c.token_ids) for result in rollout.results for c in result.completions)
+    completion_tokens = (
+        sum(len(c.token_ids) for result in rollout.results for c in result.completions) if generated else 0
+    )
     return OpenAIUsage(
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
     )
 
 
-def _completion_logprobs(completion: Completion, service: RolloutService) -> OpenAICompletionLogprobs:
-    tokens = service.token_texts(completion.token_ids)
+def _completion_logprobs(
+    result: PromptRollout, completion: Completion, service: RolloutService, *, echo: bool, generated: bool
+) -> OpenAICompletionLogprobs:
+    """The tokens of a choice (the prompt's first with echo, then the completion's unless max_tokens
+    was 0) with their log-probabilities, and the top alternatives when they were asked for."""
+    ids: list[int] = []
+    logprobs: list[float | None] = []
+    steps: list[TokenLogprobs | None] = []
+    if echo:
+        prompt_steps = result.prompt_logprobs or []
+        ids += result.prompt_token_ids
+        logprobs += [None if step is None else step[t] for t, step in zip(ids, prompt_steps, strict=True)]
+        steps += prompt_steps
+    if generated:
+        ids += completion.token_ids
+        logprobs += completion.logprobs
+        steps += completion.top_logprobs or [None] * len(completion.token_ids)
+    tokens = service.token_texts(ids)
+    alternatives = completion.top_logprobs is not None
     return OpenAICompletionLogprobs(
         tokens=tokens,
-        token_logprobs=completion.logprobs,
+        token_logprobs=logprobs,
+        top_logprobs=[_by_text(step, service) for step in steps] if alternatives else None,
         text_offset=list(accumulate(map(len, tokens), initial=0))[:-1],
     )
 
 
+def _by_text(step: TokenLogprobs | None, service: RolloutService) -> dict[str, float] | None:
+    """One position's log-probabilities by token text, as OpenAI's legacy `top_logprobs`."""
+    if step is None:
+        return None
+    return dict(zip(service.token_texts(list(step)), step.values(), strict=True))
+
+
 def _chat_logprobs(completion: Completion, service: RolloutService) -> OpenAIChatLogprobs:
     tokens = service.token_texts(completion.token_ids)
+    steps = completion.top_logprobs or [{}] * len(tokens)
     return OpenAIChatLogprobs(
         content=[
-            OpenAITokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
-            for token, logprob in zip(tokens, completion.logprobs, strict=True)
+            OpenAITokenLogprob(
+                token=token,
+                logprob=logprob,
+                bytes=list(token.encode()),
+                top_logprobs=[
+                    OpenAITokenLogprob(token=text, logprob=lp, bytes=list(text.encode()))
+                    for text, lp in sorted(
+                        zip(service.token_texts(list(step)), step.values(), strict=True), key=lambda a: -a[1]
+                    )
+                ],
+            )
+            for token, logprob, step in zip(tokens, completion.logprobs, steps, strict=True)
         ]
     )

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
 from rollout_server.adapters import adapter_digest, check_adapter, shown_path, write_merged
-from rollout_server.engine import LoraHandle, RolloutEngine
+from rollout_server.engine import Generated, LoraHandle, RolloutEngine
 from rollout_server.samples import SampleStore
 from shared.config import ServerConfig
 from shared.errors import (
@@ -47,7 +47,6 @@ from shared.errors import (
 )
 from shared.schemas import (
     AdapterInfo,
-    Completion,
     LoadLoraAdapterRequest,
     ModelCard,
     PromptRollout,
@@ -163,7 +162,7 @@ class RolloutService:
         start = time.perf_counter()
         self._acquire(handle)
         try:
-            completions = await self._generate_all(prompt_ids, request, handle, rollout_id)
+            generated = await self._generate_all(prompt_ids, request, handle, rollout_id)
         except asyncio.CancelledError:  # the client left (or the server stops)
             self.metrics.requests.labels("cancelled").inc()
             raise
@@ -174,8 +173,8 @@ class RolloutService:
             await self._release(handle)
         prompts = request.prompts or [None] * len(prompt_ids)
         results = [
-            PromptRollout(prompt=p, prompt_token_ids=ids, completions=c)
-            for p, ids, c in zip(prompts, prompt_ids, completions, strict=True)
+            PromptRollout(prompt=p, prompt_token_ids=ids, completions=g.completions, prompt_logprobs=g.prompt_logprobs)
+            for p, ids, g in zip(prompts, prompt_ids, generated, strict=True)
         ]
         response = RolloutResponse(
             rollout_id=rollout_id,
@@ -193,7 +192,7 @@ class RolloutService:
 
     async def _generate_all(
         self, prompt_ids: list[list[int]], request: RolloutRequest, handle: LoraHandle | None, rollout_id: str
-    ) -> list[list[Completion]]:
+    ) -> list[Generated]:
         """Each prompt's completions; the first failure cancels the other prompts (vLLM aborts them)
         and is raised as itself."""
         try:

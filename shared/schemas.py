@@ -40,6 +40,10 @@ MAX_TOP_K = 2**31 - 1
 MIN_TEMPERATURE = 1e-2
 """Least temperature above 0: vLLM raises any 0 < t < 0.01 to 0.01 (with a warning), so it would
 sample, and report logprobs, at another temperature than asked."""
+MAX_TOP_LOGPROBS = 5
+"""Most alternatives per token a request may ask for (OpenAI's bound on completions' `logprobs`)."""
+TokenLogprobs = dict[int, float]
+"""Log-probabilities of some tokens at one position, by token id."""
 MAX_STOP_STRINGS = 16
 """Most stop strings in one request."""
 MAX_STOP_CHARS = 256
@@ -109,6 +113,13 @@ class RolloutRequest(_Wire):
     """Nucleus sampling mass."""
     top_k: StrictInt = Field(-1, ge=-1, le=MAX_TOP_K)
     """Top-k sampling; -1 disables it."""
+    logprobs: StrictInt = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+    """0: each sampled token's log-probability (Completion.logprobs); k > 0: also the k most likely
+    tokens at each position (Completion.top_logprobs), as vLLM's `logprobs`."""
+    prompt_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """None: not computed. k: each prompt token's log-probability given the tokens before it, with
+    the k most likely tokens at that position (PromptRollout.prompt_logprobs), as vLLM's
+    `prompt_logprobs`: what scoring a continuation (evaluation harnesses' loglikelihood) reads."""
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     """Seed of prompt 0's first completion. Prompt i is sent to vLLM with seed + i * n, and vLLM
     seeds its completion j with that + j, so completion (i, j) samples with seed + i * n + j: one
@@ -172,6 +183,9 @@ class Completion(_Wire):
     logprobs: list[float]
     """Sampler log-probability of each sampled token, at the sampling temperature."""
     finish_reason: FinishReason | None
+    top_logprobs: list[TokenLogprobs] | None = None
+    """With RolloutRequest.logprobs k > 0: at each position, the sampled token's and the k most
+    likely tokens' log-probabilities; else None."""
 
 
 class PromptRollout(_Wire):
@@ -181,6 +195,9 @@ class PromptRollout(_Wire):
     """The prompt as sent (None when it was sent as token ids)."""
     prompt_token_ids: list[int]
     completions: list[Completion]
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With RolloutRequest.prompt_logprobs: per prompt position, the prompt token's log-probability
+    given the ones before (and the k most likely tokens'); None at position 0, which has no context."""
 
 
 class RolloutResponse(_Wire):
@@ -395,11 +412,24 @@ class OpenAICompletionRequest(_OpenAIRequest):
         json_schema_extra={"examples": [{"model": "policy", "prompt": "12+7=", "max_tokens": 4, "logprobs": 0}]}
     )
 
-    prompt: OpenAIPromptText | Annotated[list[OpenAIPromptText], Field(min_length=1)]
-    """A prompt text or a list of them, tokenized as a rollout's are (BOS when the tokenizer adds one)."""
-    logprobs: StrictInt | None = Field(None, ge=0, le=0)
-    """0: each token's sampler logprob (at the sampling temperature) in `token_logprobs`. The top
-    alternatives that larger values ask for are not served (422)."""
+    prompt: (
+        OpenAIPromptText
+        | Annotated[list[OpenAIPromptText], Field(min_length=1)]
+        | Annotated[list[StrictInt], Field(min_length=1)]
+        | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)]
+    )
+    """A prompt text or a list of them, tokenized as a rollout's are (BOS when the tokenizer adds
+    one); or one prompt's token ids, or a list of such (used verbatim: evaluation harnesses send
+    these)."""
+    max_tokens: StrictInt | None = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=0)
+    """Longest completion, in tokens (at most the server's max_tokens); 0 (with echo): no completion,
+    the prompt's log-probabilities only."""
+    echo: bool | None = Field(False, strict=True)
+    """True: each choice starts with its prompt, in `text` and in `logprobs` (whose first prompt
+    token has no log-probability: null). What evaluation harnesses score a continuation with."""
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """k: each token's log-probability (sampled tokens at the sampling temperature) in
+    `token_logprobs`, and with k > 0 the k most likely tokens at each position in `top_logprobs`."""
 
 
 class OpenAIChatRequest(_OpenAIRequest):
@@ -418,8 +448,8 @@ class OpenAIChatRequest(_OpenAIRequest):
     """OpenAI's newer name for `max_tokens`; when given, it is the one used."""
     logprobs: bool | None = Field(False, strict=True)
     """True: each token's sampler logprob (at the sampling temperature) in `logprobs.content`."""
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=0)
-    """Top alternatives per token are not served: only 0 (or none) is taken."""
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """With logprobs: the k most likely tokens at each position, in each token's `top_logprobs`."""
 
     @model_validator(mode="before")
     @classmethod
@@ -453,9 +483,11 @@ class OpenAICompletionLogprobs(_Wire):
 
     tokens: list[str]
     """Each token decoded alone (a character split over tokens shows as U+FFFD)."""
-    token_logprobs: list[float]
-    top_logprobs: None = None
-    """Alternatives are not served."""
+    token_logprobs: list[float | None]
+    """Each token's log-probability; null for an echoed prompt's first token (it has no context)."""
+    top_logprobs: list[dict[str, float] | None] | None = None
+    """With logprobs k > 0: at each position, the token's and the k most likely tokens' log-probs by
+    their text (tokens of one text share an entry); null where token_logprobs is."""
     text_offset: list[int]
     """Where each token starts, counting the characters of the tokens before it."""
 
@@ -497,7 +529,7 @@ class OpenAITokenLogprob(_Wire):
     bytes: list[int]
     """`token` as UTF-8."""
     top_logprobs: list[OpenAITokenLogprob] = Field(default_factory=list)
-    """Alternatives are not served: always empty."""
+    """With top_logprobs k: the k most likely tokens at this position (empty otherwise)."""
 
 
 class OpenAIChatLogprobs(_Wire):

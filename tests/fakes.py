@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rollout_server.engine import LoraHandle
+from rollout_server.engine import Generated, LoraHandle
 from shared.config import ServerConfig
 from shared.schemas import Completion, Prompt, RolloutRequest
 
@@ -62,7 +62,7 @@ class FakeEngine:
         seed: int | None,
         lora: LoraHandle | None,
         request_id: str,
-    ) -> list[Completion]:
+    ) -> Generated:
         if prompt_token_ids == self.fail_prompt:
             raise RuntimeError(f"engine failure on request {request_id}")
         self.requests.append((prompt_token_ids, request))
@@ -77,15 +77,29 @@ class FakeEngine:
         lora_id = lora.int_id if lora else 0
         assert lora is None or lora.int_id in self.loras, "generated with a removed adapter"
         assert self.weight_loads == loads, "the weights were reloaded under a running request"
-        return [
+        completions = [
             Completion(
                 text=f"v{lora_id}-{i}",
                 token_ids=[lora_id, i, seed or 0],
                 logprobs=[-1.0, -2.0, -3.0],
                 finish_reason="length",
+                # the sampled token, then the next k ids, each a nat less likely
+                top_logprobs=[
+                    {t: lp, **{t + j: lp - j for j in range(1, request.logprobs + 1)}}
+                    for t, lp in zip([lora_id, i, seed or 0], [-1.0, -2.0, -3.0], strict=True)
+                ]
+                if request.logprobs
+                else None,
             )
             for i in range(request.n)
         ]
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None:  # token t at position p: -t / 100, its neighbour t + 1 more likely
+            prompt_logprobs = [None] + [
+                {t: -t / 100, **({t + 1: -t / 100 + 0.5} if request.prompt_logprobs else {})}
+                for t in prompt_token_ids[1:]
+            ]
+        return Generated(completions, prompt_logprobs)
 
     async def add_lora(self, lora: LoraHandle) -> None:
         self.loras[lora.int_id] = lora

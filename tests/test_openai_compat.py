@@ -168,7 +168,9 @@ def test_an_unknown_model_is_openais_404(client: TestClient, path: str) -> None:
     ("body", "status", "needles"),
     [
         ({"stream": True}, 400, ["stream"]),  # no streaming
-        ({"logprobs": 1}, 422, ["logprobs"]),  # top alternatives are not served
+        ({"logprobs": 6}, 422, ["logprobs"]),  # at most 5 alternatives, as OpenAI
+        ({"max_tokens": 0}, 400, ["echo=true"]),  # nothing to answer without the prompt's logprobs
+        ({"prompt": [1, -1]}, 422, ["prompt"]),  # token ids are not negative
         ({"temperature": 0, "n": 2}, 422, ["greedy", "n=1"]),  # a rollout's own rule across fields
         ({"temperature": 0.001}, 422, ["0.01"]),
         ({"max_tokens": 33}, 422, ["max_tokens=32"]),  # the server's bound
@@ -196,7 +198,7 @@ def test_chat_refuses_what_it_cannot_serve(client: TestClient) -> None:
     r = client.post("/v1/chat/completions", json={**base, "messages": []})
     openai_error(r, 422, "messages")
     r = client.post(
-        "/v1/chat/completions", json={**base, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}
+        "/v1/chat/completions", json={**base, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 6}
     )
     openai_error(r, 422, "top_logprobs")
     r = client.post(
@@ -300,3 +302,33 @@ def test_a_model_is_retrieved_by_id_and_an_unknown_one_answers_openais_404(
     error = missing.json()["error"]
     assert (error["type"], error["param"], error["code"]) == ("not_found_error", "model", "model_not_found")
     assert "'nope' does not exist here" in error["message"]
+
+
+def test_echo_scores_a_token_id_prompt_as_evaluation_harnesses_ask(client: TestClient, engine: FakeEngine) -> None:
+    """lm-evaluation-harness's loglikelihood: token ids, echo, logprobs=1, max_tokens=1, greedy. The
+    fake scores prompt token t at -t/100, with t + 1 half a nat likelier beside it."""
+    body = complete(client, prompt=[[5, 6, 7]], echo=True, logprobs=1, max_tokens=1, temperature=0)
+    (choice,) = body["choices"]
+    _, request = engine.requests[-1]
+    assert (request.prompt_token_ids, request.prompt_logprobs, request.logprobs) == ([[5, 6, 7]], 1, 1)
+    logprobs = choice["logprobs"]
+    # The prompt's 3 tokens (the first has no context: null), then the fake's 3 sampled ones.
+    assert logprobs["tokens"] == ["<5>", "<6>", "<7>", "<0>", "<0>", "<0>"]
+    assert logprobs["token_logprobs"] == [None, -0.06, -0.07, -1.0, -2.0, -3.0]
+    assert logprobs["top_logprobs"][:3] == [None, {"<6>": -0.06, "<7>": 0.44}, {"<7>": -0.07, "<8>": 0.43}]
+    assert logprobs["top_logprobs"][3] == {"<0>": -1.0, "<1>": -2.0}
+    assert choice["text"] == "<5><6><7>v0-0"  # the prompt (decoded token by token), then the completion
+
+
+def test_max_tokens_0_with_echo_answers_the_prompts_logprobs_only(client: TestClient) -> None:
+    body = complete(client, prompt="ab", echo=True, logprobs=0, max_tokens=0)
+    (choice,) = body["choices"]
+    assert choice["text"] == "ab" and choice["logprobs"]["token_logprobs"] == [None, -0.98]  # b = 98
+    assert choice["logprobs"]["top_logprobs"] is None  # logprobs=0: no alternatives
+    assert body["usage"]["completion_tokens"] == 0
+
+
+def test_chat_top_logprobs_are_the_alternatives_most_likely_first(client: TestClient) -> None:
+    (choice,) = chat(client, logprobs=True, top_logprobs=2)["choices"]
+    first = choice["logprobs"]["content"][0]
+    assert [(t["token"], t["logprob"]) for t in first["top_logprobs"]] == [("<0>", -1.0), ("<1>", -2.0), ("<2>", -3.0)]

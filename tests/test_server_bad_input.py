@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from rollout_server.app import build_app
+from rollout_server.engine import Generated
 from rollout_server.guard import PUBLIC_PATHS
 from rollout_server.http_errors import is_openai_path
 from rollout_server.samples import SampleStore
@@ -459,9 +460,10 @@ def test_sample_file_rotates_past_its_size_bound(cfg: ServerConfig) -> None:
 class NanEngine(FakeEngine):
     """Completions whose logprobs are NaN and -inf (a broken model)."""
 
-    async def generate(self, *args, **kwargs) -> list[Completion]:
-        completions = await super().generate(*args, **kwargs)
-        return [c.model_copy(update={"logprobs": [float("nan"), float("-inf"), -1.0]}) for c in completions]
+    async def generate(self, *args, **kwargs) -> Generated:
+        completions, prompt_logprobs = await super().generate(*args, **kwargs)
+        broken = [c.model_copy(update={"logprobs": [float("nan"), float("-inf"), -1.0]}) for c in completions]
+        return Generated(broken, prompt_logprobs)
 
 
 def test_sample_file_holds_null_never_bare_nan(cfg: ServerConfig) -> None:
