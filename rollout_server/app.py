@@ -19,10 +19,11 @@ from starlette.exceptions import HTTPException
 from rollout_server.engine import RolloutEngine, VllmEngine
 from rollout_server.guard import RequestGuard
 from rollout_server.http_errors import STATUS, error_body, is_openai_path
-from rollout_server.openai_routes import openai_router
+from rollout_server.openai_routes import openai_router, unserved_parameters
 from rollout_server.routes import router
 from rollout_server.service import RolloutService
 from shared.config import ServerConfig
+from shared.errors import UnsupportedFeatureError
 from shared.schemas import RolloutRequest
 
 log = logging.getLogger("rollout_server")
@@ -68,7 +69,11 @@ def build_app(
 
     def handler(status: int) -> Callable[[Request, Exception], JSONResponse]:
         def respond(request: Request, exc: Exception) -> JSONResponse:
-            return JSONResponse(error_body(request.scope["path"], status, _detail(exc), type(exc)), status_code=status)
+            path = request.scope["path"]
+            # An OpenAI client's parameter these routes do not take: a 400 saying what to do instead.
+            if isinstance(exc, RequestValidationError) and is_openai_path(path) and (why := unserved_parameters(exc)):
+                return JSONResponse(error_body(path, 400, why, UnsupportedFeatureError), status_code=400)
+            return JSONResponse(error_body(path, status, _detail(exc), type(exc)), status_code=status)
 
         return respond
 

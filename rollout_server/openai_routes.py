@@ -245,3 +245,36 @@ def _chat_logprobs(completion: Completion, service: RolloutService) -> OpenAICha
             for token, logprob, step in zip(tokens, completion.logprobs, steps, strict=True)
         ]
     )
+
+
+_PENALTIES = "sampling penalties are not served: the learner scores the sampler's own distribution"
+UNSERVED = {
+    "frequency_penalty": _PENALTIES,
+    "presence_penalty": _PENALTIES,
+    "repetition_penalty": _PENALTIES,
+    "logit_bias": "biased logits are not served: sample the policy's own distribution",
+    "best_of": "not served: ask for n completions (with logprobs) and rank them yourself",
+    "suffix": "insertion is not served: put the text in the prompt",
+    "stream_options": "streaming is not served: leave 'stream' false",
+    "response_format": "structured output is not served: ask for the format in the prompt",
+    "tools": "tool calls are not served: describe the tools in the prompt",
+    "tool_choice": "tool calls are not served: describe the tools in the prompt",
+    "functions": "function calls are not served: describe them in the prompt",
+    "function_call": "function calls are not served: describe them in the prompt",
+}
+"""OpenAI parameters these routes do not serve, and what to do instead."""
+
+
+def unserved_parameters(exc: RequestValidationError) -> str | None:
+    """The 400 message for a request to an OpenAI route whose only fault is parameters that route
+    does not take (each named, with what to do instead); None for any other refusal (422)."""
+    errors = exc.errors()
+    if not errors or any(e["type"] != "extra_forbidden" or len(e["loc"]) != 2 for e in errors):
+        return None
+    names = [str(e["loc"][1]) for e in errors]
+    return "; ".join(
+        f"{name!r} is not served: {UNSERVED[name].split(': ', 1)[1]}"
+        if name in UNSERVED
+        else f"{name!r} is not a parameter of this route (its OpenAPI schema at /docs lists them)"
+        for name in names
+    )

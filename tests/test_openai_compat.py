@@ -184,7 +184,11 @@ def test_an_unknown_model_is_openais_404(client: TestClient, path: str) -> None:
         ({"temperature": False}, 422, ["temperature"]),  # a number, not a bool or a string
         ({"top_p": "0.5"}, 422, ["top_p"]),
         ({"stream": 0}, 422, ["stream"]),
-        ({"frequency_penalty": 0.5}, 422, ["frequency_penalty"]),  # a field not served is refused, not ignored
+        # A parameter not served is refused, not ignored: a 400 saying what to do instead.
+        ({"frequency_penalty": 0.5}, 400, ["'frequency_penalty' is not served: the learner scores the sampler's"]),
+        ({"best_of": 3, "suffix": "x"}, 400, ["'best_of' is not served: ask for n", "'suffix' is not served"]),
+        ({"frobnicate": 1}, 400, ["'frobnicate' is not a parameter of this route"]),
+        ({"frequency_penalty": 0.5, "n": 0}, 422, ["n"]),  # with another fault, the schema's 422
     ],
 )
 def test_refusals_are_in_openais_shape(client: TestClient, body: dict, status: int, needles: list[str]) -> None:
