@@ -103,8 +103,9 @@ def test_reward_functions_reach_the_metrics_and_the_sample_log(
 
     row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 <= row["rewards/answer_perplexity/mean"] <= 1 and 0 <= row["rewards/exact_match/mean"] <= 1
-    scores = client.recent_samples(limit=1).samples[0].scores
-    assert scores is not None and list(scores.components) == ["answer_perplexity", "exact_match"]
+    # The step's rollout, scored (the canary after the run's first wake sampled after it, unscored).
+    (scores,) = [s.scores for s in client.recent_samples(limit=2).samples if s.scores is not None]
+    assert list(scores.components) == ["answer_perplexity", "exact_match"]
     perplexity, exact = scores.components["answer_perplexity"], scores.components["exact_match"]
     for p, rewards_G in enumerate(scores.rewards):
         assert all(e in (0.0, 1.0) for e in exact[p])  # every row has an answer: no None
@@ -142,6 +143,15 @@ def test_evaluation_runs_before_the_first_step_and_every_eval_steps(
     assert evals[0]["eval/reward_mean"] != evals[-1]["eval/reward_mean"]
 
 
+def without_earlier_runs(run_dir: Path) -> Path:
+    """`run_dir` without the earlier tests' run outputs, for the CLI, which takes one run per output
+    directory (their adapter versions stay: the module's server serves them)."""
+    for name in ("samples", "tensorboard", "checkpoints"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return run_dir
+
+
 def test_the_cli_trains_on_parquet_chat_prompts_with_a_reward_function_by_path_and_tensorboard(
     tiny_model_dir: Path, run_dir: Path, client: RolloutClient
 ) -> None:
@@ -160,12 +170,7 @@ def test_the_cli_trains_on_parquet_chat_prompts_with_a_reward_function_by_path_a
         for b in range(3)
     ]
     datasets.Dataset.from_list(rows).to_parquet(str(data))
-    out = run_dir  # the server's adapter root is out/adapters
-    # One run per output directory: the earlier tests' outputs go (their adapter versions stay: the
-    # shared server serves them).
-    for name in ("samples", "tensorboard", "checkpoints"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    out = without_earlier_runs(run_dir)  # the server's adapter root is out/adapters
     main(
         [
             *("--mode", "supervised", "--data", str(data), "--model", str(tiny_model_dir)),
@@ -197,9 +202,8 @@ def test_one_step_off_overlap_trains_each_step_one_version_behind_within_the_bou
     evaluation rollouts run beside it; a checkpoint taken meanwhile keeps the step's data position."""
     from learner.cli import main
 
-    out = run_dir  # the server's adapter root
+    out = without_earlier_runs(run_dir)  # the server's adapter root is out/adapters
     metrics = out / "metrics.jsonl"
-    before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     version_before = client.served_version("policy") or 0
     try:
         main(
@@ -215,7 +219,7 @@ def test_one_step_off_overlap_trains_each_step_one_version_behind_within_the_bou
     finally:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the module's later runs start fresh here
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()[before:]]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     train = [r for r in rows if "reward_mean" in r]
     assert [r["step"] for r in train] == [1, 2, 3]
     # Step 1 samples the base on its own; steps 2 and 3 were sampled during the step before, one version behind.

@@ -119,7 +119,8 @@ def test_a_run_survives_a_server_killed_and_restarted(tiny_model_dir: Path, tmp_
     (policy,) = [m for m in models if m["kind"] == "lora"]
     assert policy["version"] == metrics[-1]["policy_version"] == _last_saved(adapters)
     # Re-loaded, then checked by the canary: the restarted server samples as the learner scores.
-    (gap,) = re.findall(r"serves version \d+ again \(canary gap (\S+) nats", (out / "learner.log").read_text())
+    log = (out / "learner.log").read_text()
+    (gap,) = re.findall(r"after re-loading version \d+: \S+ serves version \d+ \(canary gap (\S+) nats", log)
     assert float(gap) < 1e-3  # float32 on both sides
 
 

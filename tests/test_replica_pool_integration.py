@@ -149,7 +149,8 @@ def test_a_replica_killed_and_restarted_is_resynced_before_it_samples_and_no_ste
     caplog.clear()
     step_3 = link.rollout(request)
     assert step_3.policy_version == 22 and [len(r.completions) for r in step_3.results] == [2] * len(PROMPTS)
-    (gap,) = re.findall(rf"{re.escape(b.base_url)} serves version 22 again \(canary gap (\S+) nats", caplog.text)
+    resynced = rf"after re-loading version 22: {re.escape(b.base_url)} serves version 22 \(canary gap (\S+) nats"
+    (gap,) = re.findall(resynced, caplog.text)
     assert float(gap) < 1e-3  # float32 on both sides; another adapter or the base is off by whole nats
     new = {
         client.base_url: [r for r in samples(client) if r.rollout_id not in seen[client.base_url]]
