@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from sampler_gap import forward_logprobs  # bench/, this script's folder
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from learner.logprobs import Sequence, scored_logprobs
@@ -85,19 +86,6 @@ def learner_logprobs(policy, seqs: list[Sequence]) -> torch.Tensor:
     with torch.no_grad():
         lp_N_T = scored_logprobs(policy, seqs, temperature=1.0, chunk_size=1024, pad_id=0)
     return torch.cat([row[: sum(s.scored)] for row, s in zip(lp_N_T, seqs, strict=True)]).cpu()
-
-
-def forward_logprobs(model, seqs: list[Sequence]) -> torch.Tensor:
-    """Log-probs of the scored targets from the model's own forward (its dtype's logits)."""
-    out = []
-    for s in seqs:
-        ids = torch.tensor([s.token_ids], device=model.device)
-        with torch.no_grad():
-            logits = model(ids).logits[0].float()
-        mask = torch.tensor(s.scored, device=model.device)
-        targets = torch.tensor(s.targets, device=model.device)
-        out.append(logits.log_softmax(-1)[mask].gather(-1, targets[mask][:, None])[:, 0])
-    return torch.cat(out).cpu()
 
 
 def gap(diff: torch.Tensor) -> str:
