@@ -180,13 +180,9 @@ def check_one_run(cfg: LearnerConfig) -> None:
     its adapter numbers go on, its samples be overwritten), and so is --resume auto with no
     checkpoint there, unless those outputs are this very run's (the same settings in config.yaml:
     it died before its first checkpoint, as compose restarts it), which then starts over (`restore`)."""
-    resume_point(cfg)  # a bad --resume, or checkpoints a fresh start would collide with
+    found = resume_point(cfg)  # a bad --resume, or checkpoints a fresh start would collide with
     earlier = earlier_run(cfg.output_dir)
-    if (
-        not earlier
-        or (cfg.resume == "auto" and latest(cfg.output_dir / "checkpoints"))
-        or cfg.resume not in (None, "auto")
-    ):
+    if not earlier or found is not None:  # nothing to mix with, or a checkpoint to go on from
         return
     if cfg.resume is None:
         raise ConfigError(
@@ -225,8 +221,9 @@ def restore(
     if path is None:
         if cfg.resume == "auto":
             log.info("--resume auto: no checkpoint under %s, starting at step 1", cfg.output_dir / "checkpoints")
-            if ranks.is_main and earlier_run(cfg.output_dir):  # this run's, died before a checkpoint
-                log.info("removing what this run wrote before it died (%s)", ", ".join(earlier_run(cfg.output_dir)))
+            earlier = earlier_run(cfg.output_dir) if ranks.is_main else []
+            if earlier:  # this run's (check_one_run refused others'), written before it died
+                log.info("removing what this run wrote before it died (%s)", ", ".join(earlier))
                 _roll_back(cfg.output_dir, TrainState(0, 0, None))
         if cfg.init_adapter is None:
             return TrainState(0, 0, None)
