@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import tarfile
+import tempfile
 import time
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import httpx
 from pydantic import BaseModel
 
 from shared.errors import RolloutServerError, StaleAdapterError
 from shared.schemas import (
+    AdapterDigest,
+    AdapterDigestRequest,
     AdapterInfo,
+    AdapterUpload,
     LoadLoraAdapterRequest,
     ModelCard,
     ModelsResponse,
@@ -46,6 +53,25 @@ class RolloutClient:
         number for `name`); a refusal raises RolloutServerError."""
         request = LoadLoraAdapterRequest(lora_name=name, lora_path=path, version=version)
         return AdapterInfo.model_validate(self._call("POST", "/v1/load_lora_adapter", request))
+
+    def adapter_digest(self, path: str) -> str | None:
+        """The sha256 of the directory `path` under the server's adapter root (None: none there)."""
+        answer = self._call("POST", "/v1/adapter_digest", AdapterDigestRequest(lora_path=path))
+        return AdapterDigest.model_validate(answer).sha256
+
+    def upload_adapter(self, adapter_dir: Path, sha256: str) -> AdapterUpload:
+        """Send the files of `adapter_dir` (hashing to `sha256`) as an uncompressed tar, streamed
+        from a temporary file; the answer's lora_path is where the server placed them."""
+        with tempfile.TemporaryFile() as archive:
+            with tarfile.open(fileobj=archive, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+                for name in sorted(os.listdir(adapter_dir)):
+                    if (adapter_dir / name).is_file():
+                        tar.add(adapter_dir / name, arcname=name, recursive=False)
+            size = archive.tell()
+            path = f"/v1/adapter_uploads/{sha256}"
+            headers = {"Content-Type": "application/x-tar", "Content-Length": str(size)}
+            answer = self._call("PUT", path, content=_Rewound(archive), headers=headers)
+        return AdapterUpload.model_validate(answer)
 
     @property
     def base_url(self) -> str:
@@ -106,11 +132,20 @@ class RolloutClient:
         """Close the connection pool."""
         self._http.close()
 
-    def _call(self, method: str, path: str, body: BaseModel | None = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: BaseModel | None = None,
+        *,
+        content: _Rewound | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         payload = body.model_dump(mode="json") if body is not None else None
         for attempt in range(self._retries + 1):
             try:
-                r = self._http.request(method, path, json=payload)
+                sent = content.again() if content is not None else None
+                r = self._http.request(method, path, json=payload, content=sent, headers=headers)
                 break
             except (httpx.NetworkError, httpx.RemoteProtocolError) as e:  # not timeouts: the work may be running
                 if attempt == self._retries:
@@ -123,3 +158,14 @@ class RolloutClient:
                 detail = r.text
             raise RolloutServerError(r.status_code, f"{method} {path}: {detail}")
         return r.json()
+
+
+class _Rewound:
+    """A file's bytes, sent from the start on every try."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+
+    def again(self) -> IO[bytes]:
+        self._file.seek(0)
+        return self._file

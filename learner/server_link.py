@@ -69,6 +69,7 @@ class _Replica:
     awake: bool = True
     in_flight: int = 0
     sent: int = 0  # requests sent so far: ties of in_flight go to the replica sent fewer
+    shares_root: bool | None = None  # its adapter root is the learner's adapter folder (None: not asked yet)
 
     @property
     def url(self) -> str:
@@ -394,6 +395,7 @@ class ServerLink:
         client = replica.client
         client.wake_up()
         replica.awake = True
+        replica.shares_root = None  # restarted: perhaps with another adapter root
         if self._published:
             live = self._published
             card = client.served(self._cfg.adapter_name)
@@ -417,13 +419,36 @@ class ServerLink:
 
     def _load_published(self, replica: _Replica) -> None:
         live = self._published
-        loaded = replica.client.load_adapter(self._cfg.adapter_name, live.adapter_dir.name, version=live.version)
+        path = self._lora_path(replica, live)
+        loaded = replica.client.load_adapter(self._cfg.adapter_name, path, version=live.version)
         if (loaded.version, loaded.sha256) != (live.version, live.sha256):
             raise StaleAdapterError(
                 f"{replica.url} loaded {self._cfg.adapter_name!r} as version {loaded.version} with sha256 "
                 f"{loaded.sha256[:12]}, not version {live.version} with sha256 {live.sha256[:12]} "
-                "(another copy of the adapter directory?)"
+                f"(its adapter root is not this run's {live.adapter_dir.parent}? --adapter-transfer upload "
+                "sends each version over HTTP)"
             )
+
+    def _lora_path(self, replica: _Replica, published: _Published) -> str:
+        """Where `replica` finds `published`'s files (`LearnerConfig.adapter_transfer`): its
+        directory's name, under an adapter root shared with the learner, or, sent over HTTP,
+        uploads/<sha256>. In auto, whether the root is shared is asked once per server start: the
+        server's hash of the version's directory name is the learner's."""
+        name = published.adapter_dir.name
+        transfer = self._cfg.adapter_transfer
+        if transfer == "auto" and replica.shares_root is None:
+            replica.shares_root = replica.client.adapter_digest(name) == published.sha256
+            how = "reads them from its adapter root" if replica.shares_root else "gets them over HTTP (upload)"
+            log.info(
+                "%s does%s share %s: it %s",
+                replica.url,
+                "" if replica.shares_root else " not",
+                published.adapter_dir.parent,
+                how,
+            )
+        if transfer == "shared" or (transfer == "auto" and replica.shares_root):
+            return name
+        return replica.client.upload_adapter(published.adapter_dir, published.sha256).lora_path
 
     def _put_back(self, replica: _Replica, previous: _Published | None) -> None:
         """After a failed publish: back to the previous version (or to no adapter), or out of
@@ -432,8 +457,8 @@ class ServerLink:
             if previous is None:
                 replica.client.unload_adapter(self._cfg.adapter_name)
             else:
-                name = self._cfg.adapter_name
-                replica.client.load_adapter(name, previous.adapter_dir.name, version=previous.version)
+                path = self._lora_path(replica, previous)
+                replica.client.load_adapter(self._cfg.adapter_name, path, version=previous.version)
         except RolloutServerError as e:
             self._take_out(replica, e)
 

@@ -86,6 +86,18 @@ def adapter_digest(path: Path, *, lora_path: str) -> str:
         raise AdapterLoadError(f"lora_path {lora_path!r}: cannot be read to hash it ({e.strerror})") from e
 
 
+def directory_digest(adapter_root: Path, lora_path: str) -> str | None:
+    """`adapter_sha256` of the directory `lora_path` names under `adapter_root`, or None if there
+    is none there (AdapterLoadError for a path that leaves the root)."""
+    path = _resolve_under(adapter_root.resolve(), Path(lora_path), f"lora_path {lora_path!r}")
+    try:
+        if not path.is_dir():
+            return None
+    except OSError:  # ENAMETOOLONG, EACCES: not a directory this server can read
+        return None
+    return adapter_digest(path, lora_path=lora_path)
+
+
 def write_merged(model_dir: Path, adapter_dir: Path, out_dir: Path, *, lora_path: str) -> None:
     """Write into `out_dir` (new) the base checkpoint's safetensors with every weight the adapter at
     `adapter_dir` (checked by `check_adapter`) targets merged (`merge.merged_weights`), each shard

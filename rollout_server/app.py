@@ -20,7 +20,7 @@ from rollout_server.engine import RolloutEngine, VllmEngine
 from rollout_server.guard import RequestGuard
 from rollout_server.http_errors import STATUS, error_body, is_openai_path
 from rollout_server.openai_routes import openai_router, unserved_parameters
-from rollout_server.routes import router
+from rollout_server.routes import UPLOADS_PREFIX, router
 from rollout_server.service import RolloutService
 from shared.config import ServerConfig
 from shared.errors import UnsupportedFeatureError
@@ -62,7 +62,12 @@ def build_app(
     app = FastAPI(title="GRPO rollout server", version="0.1.0", lifespan=lifespan)
     key = (api_key if api_key is not None else os.environ.get("ROLLOUT_API_KEY")) or None
     app.add_middleware(
-        RequestGuard, api_key=key, max_body_bytes=cfg.max_body_bytes, status=STATUS, error_body=error_body
+        RequestGuard,
+        api_key=key,
+        max_body_bytes=cfg.max_body_bytes,
+        status=STATUS,
+        error_body=error_body,
+        streamed={UPLOADS_PREFIX: cfg.max_upload_bytes},
     )
     app.include_router(router)
     app.include_router(openai_router)

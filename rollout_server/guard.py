@@ -2,7 +2,9 @@
 
 A pure ASGI middleware, so a request without the key is refused (401) before one byte of its body
 is read, and a body over `max_body_bytes` is refused (413) by its Content-Length, or, sent chunked,
-as soon as it grows past the bound. /health stays public; /docs, /redoc and /openapi.json do not.
+as soon as it grows past the bound. Bodies under a streamed path prefix (adapter uploads) are not
+read here: they are refused by their Content-Length over that prefix's own bound, and the route
+bounds what it reads as it streams to disk. /health stays public; /docs, /redoc and /openapi.json do not.
 The samples page (/ui) also takes the key as `?key=`: a browser sends no Authorization header when
 it navigates.
 """
@@ -37,10 +39,13 @@ class RequestGuard:
         max_body_bytes: int,
         status: Mapping[type[Exception], int],
         error_body: Callable[[str, int, str, type[Exception]], dict[str, Any]],
+        streamed: Mapping[str, int] | None = None,
     ) -> None:
+        """`streamed`: path prefixes whose bodies the route streams, each with its largest body."""
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.streamed = dict(streamed or {})
         self.status = status
         self.error_body = error_body
 
@@ -50,6 +55,10 @@ class RequestGuard:
             return
         try:
             self._check_key(scope)
+            if (bound := self._streamed_bound(scope["path"])) is not None:
+                _check_declared_length(scope, bound, "max_upload_bytes")
+                await self.app(scope, receive, send)
+                return
             body = await self._read_body(scope, receive)
         except (UnauthorizedError, PayloadTooLargeError) as e:
             await self._refuse(e, scope, receive, send)
@@ -70,6 +79,9 @@ class RequestGuard:
             return
         how = "open it as ?key=<ROLLOUT_API_KEY>, or " if scope["path"] in QUERY_KEY_PATHS else ""
         raise UnauthorizedError(f"missing or wrong API key ({how}send 'Authorization: Bearer <ROLLOUT_API_KEY>')")
+
+    def _streamed_bound(self, path: str) -> int | None:
+        return next((bound for prefix, bound in self.streamed.items() if path.startswith(prefix)), None)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body, or None if the client disconnected first."""
@@ -101,6 +113,15 @@ class RequestGuard:
         body = self.error_body(scope["path"], status, str(error), type(error))
         response = JSONResponse(body, status_code=status, headers=headers)
         await response(scope, receive, send)
+
+
+def _check_declared_length(scope: Scope, bound: int, setting: str) -> None:
+    """PayloadTooLargeError if the request's Content-Length is over `bound` (the server's `setting`)."""
+    declared = dict(scope["headers"]).get(b"content-length", b"")
+    if declared.isdigit() and int(declared) > bound:
+        raise PayloadTooLargeError(
+            f"request body refused: its Content-Length is {int(declared)} bytes, over the server's {setting}={bound}"
+        )
 
 
 def _take_query_key(scope: Scope) -> bytes | None:

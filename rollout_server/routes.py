@@ -9,6 +9,7 @@ from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -16,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rollout_server.http_errors import UNPARSED_BODY, error_responses
 from rollout_server.samples_page import SAMPLES_PAGE, SAMPLES_PAGE_HEADERS
 from rollout_server.service import RolloutService
+from rollout_server.uploads import SHA256_PATTERN
 from shared.errors import (
     AdapterBusyError,
     AdapterLoadError,
@@ -28,7 +30,10 @@ from shared.errors import (
     ServerAsleepError,
 )
 from shared.schemas import (
+    AdapterDigest,
+    AdapterDigestRequest,
     AdapterInfo,
+    AdapterUpload,
     HealthResponse,
     LoadLoraAdapterRequest,
     ModelCard,
@@ -121,6 +126,38 @@ async def cancelled_on_disconnect(request: Request, work: Coroutine[Any, Any, T]
 )
 async def load_lora_adapter(body: LoadLoraAdapterRequest, service: ServiceDep) -> AdapterInfo:
     return await service.load_adapter(body)
+
+
+@router.post("/v1/adapter_digest", responses=error_responses(UNPARSED_BODY, RequestValidationError, AdapterLoadError))
+async def adapter_digest(body: AdapterDigestRequest, service: ServiceDep) -> AdapterDigest:
+    """The sha256 of a directory under the adapter root (null: none there): a learner compares it
+    with its own hash to learn whether it shares the adapter folder or must upload."""
+    return await service.adapter_digest(body.lora_path)
+
+
+UPLOADS_PREFIX = "/v1/adapter_uploads/"
+
+
+@router.put(
+    UPLOADS_PREFIX + "{sha256}",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "an uncompressed tar of the adapter's files (flat, as peft saves them)",
+            "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+    responses=error_responses(RequestValidationError, AdapterLoadError),
+)
+async def upload_adapter(
+    sha256: Annotated[str, PathParam(pattern=SHA256_PATTERN, description="adapter_sha256 of the files sent")],
+    request: Request,
+    service: ServiceDep,
+) -> AdapterUpload:
+    """Place an adapter sent by a learner that does not share the adapter root under
+    uploads/<sha256>, to load from there; refused unless its files hash to `sha256`. Bounded by
+    the server's max_upload_bytes, not max_body_bytes."""
+    return await service.upload_adapter(sha256, request.stream())
 
 
 @router.post(

@@ -30,9 +30,10 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
-from rollout_server.adapters import adapter_digest, check_adapter, shown_path, write_merged
+from rollout_server.adapters import adapter_digest, check_adapter, directory_digest, shown_path, write_merged
 from rollout_server.engine import Generated, LoraHandle, RolloutEngine
 from rollout_server.samples import SampleStore
+from rollout_server.uploads import prune_uploads, receive_upload
 from shared.config import ServerConfig
 from shared.errors import (
     AdapterBusyError,
@@ -46,7 +47,9 @@ from shared.errors import (
     ServerAsleepError,
 )
 from shared.schemas import (
+    AdapterDigest,
     AdapterInfo,
+    AdapterUpload,
     LoadLoraAdapterRequest,
     ModelCard,
     PromptRollout,
@@ -338,6 +341,24 @@ class RolloutService:
                 self._retired.add(old.handle.int_id)
                 await self._drop_if_unused(old.handle.int_id)
         return self._published(served)
+
+    async def adapter_digest(self, lora_path: str) -> AdapterDigest:
+        """How this server sees `lora_path` under its adapter root: its sha256, or None if absent."""
+        sha256 = await asyncio.to_thread(directory_digest, self.cfg.adapter_root, lora_path)
+        return AdapterDigest(lora_path=lora_path, sha256=sha256)
+
+    async def upload_adapter(self, sha256: str, chunks: AsyncIterator[bytes]) -> AdapterUpload:
+        """Place the adapter streamed as a tar in `chunks` under <adapter_root>/uploads/<sha256>
+        (`uploads.receive_upload`), then delete the oldest uploads no served version loads from."""
+        placed, answer = await receive_upload(
+            chunks, self.cfg.adapter_root, sha256, max_bytes=self.cfg.max_upload_bytes
+        )
+        in_use = {Path(s.handle.path).resolve() for s in self._adapters.values()} | {placed}
+        for old in await asyncio.to_thread(
+            prune_uploads, self.cfg.adapter_root, keep=self.cfg.max_uploads_kept, in_use=in_use
+        ):
+            log.info("deleted the upload %s (over max_uploads_kept=%d)", old.name, self.cfg.max_uploads_kept)
+        return answer
 
     def _next_version(self, request: LoadLoraAdapterRequest) -> int:
         version = request.version or self._versions[request.lora_name] + 1

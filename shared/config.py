@@ -75,6 +75,13 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(16 * 2**20, gt=0)
     """Largest request body; a longer one is refused with 413 before it is read. 16 MiB holds 64
     prompts of 32k token ids; raise it for more or longer prompt_token_ids."""
+    max_upload_bytes: int = Field(4 * 2**30, gt=0)
+    """Largest adapter a learner may upload (PUT /v1/adapter_uploads/{sha256}, for a learner that
+    does not share the adapter root); a bigger one is refused with 413. A float32 r=16 adapter of
+    a 3B model on every linear layer is about 120 MB."""
+    max_uploads_kept: int = Field(8, gt=0)
+    """Uploaded adapters kept under <adapter_root>/uploads: the oldest beyond this are deleted,
+    never one that a served adapter version loads from."""
     samples_capacity: int = Field(256, gt=0)
     """Rollouts kept in memory for GET /v1/samples (oldest dropped first)."""
     samples_max_bytes: int = Field(64 * 2**20, gt=0)
@@ -239,6 +246,12 @@ class LearnerConfig(_Strict):
     """Where adapter versions, metrics.jsonl and the run's config go."""
     adapter_name: str = "policy"
     """Name under which the server serves the trained adapter."""
+    adapter_transfer: Literal["auto", "shared", "upload"] = "auto"
+    """How a version reaches the servers. shared: they read it from their adapter root, which must be
+    this run's <output_dir>/adapters (the same folder, mounted or not at the same path). upload:
+    it is sent over HTTP (PUT /v1/adapter_uploads/{sha256}) and written under the server's
+    <adapter_root>/uploads; no shared volume is needed. auto: shared where a server's root holds
+    the learner's version directory with the same sha256 (asked once per server start), else upload."""
     steps: int = Field(10, gt=0)
     """Optimizer steps (one batch of prompts each)."""
     prompts_per_step: int = Field(4, gt=0)

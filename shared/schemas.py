@@ -253,6 +253,37 @@ class AdapterInfo(_Wire):
     loaded_at: datetime
 
 
+class AdapterDigestRequest(_Wire):
+    """Which directory under the server's adapter root to hash."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"lora_path": "v000001"}]})
+
+    lora_path: Text = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS)
+    """An adapter directory under the server's adapter root (relative to it, or absolute)."""
+
+
+class AdapterDigest(_Wire):
+    """What `POST /v1/adapter_digest` returns: how the server sees a directory under its adapter
+    root. The learner compares the sha256 with its own hash of the directory it saved: equal, the
+    two processes share the adapter folder; otherwise it uploads (`PUT /v1/adapter_uploads/{sha256}`)."""
+
+    lora_path: str
+    sha256: str | None
+    """`shared.adapter_hash.adapter_sha256` of the directory; None where no such directory is under
+    the adapter root."""
+
+
+class AdapterUpload(_Wire):
+    """What `PUT /v1/adapter_uploads/{sha256}` returns: where the uploaded adapter lies, to load as
+    any other (`POST /v1/load_lora_adapter` with this lora_path)."""
+
+    lora_path: str
+    """`uploads/<sha256>`, relative to the server's adapter root."""
+    sha256: str
+    bytes: int
+    """The size of the adapter's files."""
+
+
 class ModelCard(_Wire):
     """An entry of `GET /v1/models`."""
 

@@ -3,6 +3,7 @@ the learner's ServerLink (routing, publishing, recovery) and of what drives it (
 
 from __future__ import annotations
 
+import shutil
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ class ScriptedServer:
         self.refuse_loads = False
         self.rollouts: list[RolloutRequest] = []
         self.posted: list[tuple[str, SampleScores]] = []
+        self.loaded_paths: list[str] = []  # lora_path of each load, as sent
         self.release = threading.Event()  # generate goes on once set (at once, unless a test clears it)
         self.release.set()
 
@@ -64,8 +66,20 @@ class ScriptedServer:
             raise RolloutServerError(503, "the server is asleep")
         if self.refuse_loads:
             raise RolloutServerError(400, f"cannot read {path}")
+        self.loaded_paths.append(path)
         self.card = SimpleNamespace(version=version, sha256=adapter_sha256(self.root / path))
         return self.card
+
+    def adapter_digest(self, path: str) -> str | None:
+        self._enter("adapter_digest")
+        return adapter_sha256(self.root / path) if (self.root / path).is_dir() else None
+
+    def upload_adapter(self, adapter_dir: Path, sha256: str):
+        self._enter("upload_adapter")
+        placed = self.root / "uploads" / sha256
+        if not placed.is_dir():
+            shutil.copytree(adapter_dir, placed)
+        return SimpleNamespace(lora_path=f"uploads/{sha256}", sha256=sha256)
 
     def unload_adapter(self, name: str) -> None:
         self._enter("unload_adapter")
@@ -104,4 +118,9 @@ def save(root: Path, version: int, content: bytes) -> Path:
 
 def pool(tmp_path: Path, count: int) -> tuple[ServerLink, list[ScriptedServer]]:
     servers = [ScriptedServer(f"http://replica-{i}", tmp_path) for i in range(count)]
-    return ServerLink(servers, LearnerConfig(), canary=lambda client, adapter, version: 0.0), servers
+    return link(servers, LearnerConfig()), servers
+
+
+def link(servers: list[ScriptedServer], cfg: LearnerConfig) -> ServerLink:
+    """A ServerLink over `servers` whose canary finds every replica sampling as the learner scores."""
+    return ServerLink(servers, cfg, canary=lambda client, adapter, version: 0.0)

@@ -15,6 +15,7 @@ from learner.data import load_data, load_rows
 from learner.model import load_policy
 from learner.prompts import PromptSampler
 from learner.rollout_client import RolloutClient
+from shared.adapter_hash import adapter_sha256
 from shared.config import LearnerConfig
 from tests.servers import served_client
 
@@ -237,3 +238,23 @@ def test_one_step_off_overlap_trains_each_step_one_version_behind_within_the_bou
     )
     sampler.load_state_dict(state["prompts"])
     assert [row.prompt for row in sampler.next_batch()] == [r["prompt"] for r in samples_3["results"]]
+
+
+def test_a_learner_that_does_not_share_the_servers_adapter_root_uploads_each_version(
+    tiny_model_dir: Path, client: RolloutClient, tmp_path: Path
+) -> None:
+    """Issue 20's first finding: a server started with one adapter root (the module's run_dir) and
+    a learner writing its versions elsewhere; each version goes over HTTP (adapter_transfer auto)."""
+    cfg = LearnerConfig(
+        output_dir=tmp_path / "elsewhere",
+        adapter_name="uploaded",
+        steps=2,
+        prompts_per_step=2,
+        sample_every=0,
+        sampling={"n": 2, "max_tokens": 4, "seed": 0},
+    )
+    policy, tokenizer = load_policy(str(tiny_model_dir), cfg)
+    last = loop.run(cfg, load_rows(cfg.data, cfg.mode), policy, tokenizer, [client])
+    card = client.served("uploaded")
+    assert (card.version, card.sha256) == (2, adapter_sha256(last))
+    assert card.root == f"uploads/{card.sha256}"  # relative to the server's root: not the learner's folder

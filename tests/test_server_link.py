@@ -13,7 +13,7 @@ from shared.adapter_hash import adapter_sha256
 from shared.config import LearnerConfig
 from shared.errors import AdapterPublishError, RetiredVersionError, StaleAdapterError
 from shared.schemas import RolloutRequest, SampleScores
-from tests.scripted_servers import pool, save
+from tests.scripted_servers import ScriptedServer, link, pool, save
 
 
 def request(link: ServerLink, prompts: int = 4, n: int = 2) -> RolloutRequest:
@@ -69,14 +69,16 @@ def test_a_version_one_replica_refuses_is_served_by_none(tmp_path: Path) -> None
     assert link.rollout(request(link)).policy_version == 1
 
 
-def test_a_replica_holding_other_files_fails_the_publish(tmp_path: Path) -> None:
-    link, (first, second) = pool(tmp_path, 2)
+def test_a_replica_holding_other_files_fails_a_publish_told_the_root_is_shared(tmp_path: Path) -> None:
+    """With --adapter-transfer shared (auto uploads instead: test_adapter_upload.py)."""
+    first, second = ScriptedServer("http://replica-0", tmp_path), ScriptedServer("http://replica-1", tmp_path)
+    server_link = link([first, second], LearnerConfig(adapter_transfer="shared"))
     v1 = save(tmp_path, 1, b"one")
     second.root = tmp_path / "elsewhere"  # its adapter root holds another copy of v000001
     save(second.root, 1, b"corrupt")
-    with pytest.raises(AdapterPublishError, match="sha256"):
-        link.publish(v1, 1)
-    assert first.card is None and second.card is None and link.version == 0 and link.adapter is None
+    with pytest.raises(AdapterPublishError, match="sha256 .*--adapter-transfer upload"):
+        server_link.publish(v1, 1)
+    assert first.card is None and second.card is None and server_link.version == 0 and server_link.adapter is None
 
 
 def test_a_replica_that_restarts_is_taken_out_then_resynced_and_put_back(tmp_path: Path) -> None:
