@@ -48,8 +48,9 @@ class Learned:
 
     def sample_scores(self, step: int) -> SampleScores | None:
         """The scores as the server's sample log and the samples files keep them: NaN (did not
-        apply, unscorable) as None. None when a reward is infinite or an advantage is not finite
-        (a reward function or the model blew up), which JSON cannot hold."""
+        apply, unscorable) as None, with each prompt's expected answer (supervised rows). None when
+        a reward is infinite or an advantage is not finite (a reward function or the model blew
+        up), which JSON cannot hold."""
         values = [self.rewards_P_G, *self.components_P_G.values()]
         if any(v.isinf().any() for v in values) or not self.advantages_P_G.isfinite().all():
             return None
@@ -67,13 +68,15 @@ def _none_for_nan(values_P_G: Tensor) -> list[list[float | None]]:
 
 def rewards_come_from_the_update(policy: PeftModel, cfg: LearnerConfig, group_size: int) -> bool:
     """Whether the update's forward computes the rewards' log-probabilities, in micro-batches of
-    whole groups (see the module docstring): the reward is the unsupervised one alone."""
+    whole groups (see the module docstring): the reward is the unsupervised one alone, and each
+    group's advantages need only its own rewards (not scale_rewards "batch")."""
     return (
         cfg.mode == "unsupervised"
         and reward_funcs.is_the_mode_reward(cfg)
         and cfg.sampling.temperature == 1.0
         and cfg.micro_batch_size % group_size == 0
         and not _drops_out(policy)
+        and cfg.scale_rewards != "batch"
     )
 
 
@@ -159,13 +162,21 @@ def learn_from(
         pad_id=pad_id,
         step=step,
     )
-    advantages_P_G = _normalize(rewards_P_G, cfg)
+    advantages_P_G = _normalize(rewards_P_G, cfg, ranks)
     score_s = time.perf_counter() - start
     return Learned(rewards_P_G, advantages_P_G, update(advantages_P_G.flatten()), score_s, components_P_G)
 
 
-def _normalize(rewards_P_G: Tensor, cfg: LearnerConfig) -> Tensor:
-    return group_normalize(rewards_P_G, eps=cfg.advantage_eps, scale_by_std=cfg.scale_advantages_by_std)
+def _normalize(rewards_P_G: Tensor, cfg: LearnerConfig, ranks: Distributed = Distributed()) -> Tensor:
+    """Advantages of this rank's groups. With scale_rewards "batch" the std is the whole step's:
+    every rank's rewards are gathered (one collective, on every rank; the shards are equal and in
+    rank order), normalized together, and this rank's rows taken back."""
+    if cfg.scale_rewards != "batch":
+        return group_normalize(rewards_P_G, eps=cfg.advantage_eps, scale_rewards=cfg.scale_rewards)
+    P, G = rewards_P_G.shape
+    step_P_G = ranks.gather(rewards_P_G.flatten()).view(-1, G)
+    advantages_P_G = group_normalize(step_P_G, eps=cfg.advantage_eps, scale_rewards="batch")
+    return advantages_P_G[ranks.rank * P : (ranks.rank + 1) * P]
 
 
 def _drops_out(policy: PeftModel) -> bool:

@@ -175,7 +175,9 @@ def scored_logprobs(
     for start in range(0, hidden_M_H.shape[0], chunk_size):
         args = (hidden_M_H[start : start + chunk_size], targets_M[start : start + chunk_size])
         pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if grad else chunk_logprobs(*args))
-    logprobs_M = torch.cat(pieces) if pieces else hidden_M_H.new_zeros(0, dtype=torch.float32)
+    # No scored position (every completion empty): the empty slice still goes through the head, so
+    # the [N, 0] result hangs off the forward and backward gives every weight an exact-zero gradient.
+    logprobs_M = torch.cat(pieces) if pieces else chunk_logprobs(hidden_M_H, targets_M)
 
     # Pack each row's scored values to the left: row i, slot j = its j-th scored position.
     slot_N_T = scored_mask(sequences).to(device)

@@ -82,7 +82,9 @@ def grpo_loss(inputs: LossInputs, cfg: LossConfig, *, max_tokens: int | None = N
       w         = min(exp(old - sampler), tis_cap), detached (1 when tis_cap is None): corrects
                   for vLLM's sampler differing from the learner's rollout-time policy
       kl        = exp(ref - logp) - (ref - logp) - 1   (k3: >= 0, unbiased for KL(policy, ref))
-    Each log-ratio (logp - old, old - sampler, ref - logp) is clamped to +-max_log_ratio first.
+    The log-ratios logp - old and old - sampler are clamped to +-max_log_ratio first, ref - logp
+    only from above: k3's exp can overflow only there, and below (policy far above the reference)
+    k3 ~ -(ref - logp) - 1 and its gradient 1 - exp(ref - logp) stay finite and must not vanish.
       loss_t    = -w * surrogate + beta * kl
     Aggregation (see LossConfig.aggregation): "token_mean" (DAPO) divides the sum over all masked
     tokens by their number; "sequence_mean" (GRPO) takes each sequence's masked mean, then the mean
@@ -111,15 +113,16 @@ def grpo_loss(inputs: LossInputs, cfg: LossConfig, *, max_tokens: int | None = N
     sampler_N_T = torch.where(mask_N_T, inputs.sampler_logprobs_N_T.detach(), 0.0)
     advantages_N_1 = inputs.advantages_N.detach().unsqueeze(1)
 
-    # Every log-ratio is clamped before exp: one overflow would make the loss inf and skip the step.
+    # Log-ratios are clamped before exp: one overflow would make the loss inf and skip the step.
+    # The KL's only from above: a clamp below would zero its gradient on the tokens that have
+    # drifted furthest above the reference, where exp(ref - logp) -> 0 cannot overflow.
     bound = cfg.max_log_ratio
     log_ratio_N_T = learner_N_T - old_N_T
     log_is_N_T = old_N_T - sampler_N_T
     log_ratio_ref_N_T = ref_N_T - learner_N_T
-    clamped_N_T = (log_ratio_N_T.abs() > bound) | (log_is_N_T.abs() > bound) | (log_ratio_ref_N_T.abs() > bound)
-    log_ratio_N_T, log_is_N_T, log_ratio_ref_N_T = (
-        x.clamp(-bound, bound) for x in (log_ratio_N_T, log_is_N_T, log_ratio_ref_N_T)
-    )
+    clamped_N_T = (log_ratio_N_T.abs() > bound) | (log_is_N_T.abs() > bound) | (log_ratio_ref_N_T > bound)
+    log_ratio_N_T, log_is_N_T = (x.clamp(-bound, bound) for x in (log_ratio_N_T, log_is_N_T))
+    log_ratio_ref_N_T = log_ratio_ref_N_T.clamp(max=bound)
 
     ratio_N_T = torch.exp(log_ratio_N_T)
     unclipped_N_T = ratio_N_T * advantages_N_1

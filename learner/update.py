@@ -13,6 +13,7 @@ from torch import Tensor
 from learner.distributed import Distributed
 from learner.logprobs import Sequence, scored_logprobs, scored_mask
 from learner.loss import LossInputs, grpo_loss
+from learner.quantiles import quantiles
 from shared.config import LearnerConfig
 
 
@@ -179,8 +180,7 @@ def _cat(pieces_M: list[Tensor]) -> Tensor:
 
 
 def _percentiles(values_M: Tensor) -> tuple[float, float]:
-    """p50 and p99 of the token values (NaN when there are none)."""
-    if values_M.numel() == 0:
-        return math.nan, math.nan
-    p50, p99 = torch.quantile(values_M.double(), torch.tensor([0.5, 0.99], dtype=torch.float64)).tolist()
+    """p50 and p99 of the token values (NaN when there are none): exact at any token count, where
+    torch.quantile raises above 2^24."""
+    p50, p99 = quantiles(values_M, [0.5, 0.99])
     return p50, p99

@@ -167,7 +167,8 @@ class LossConfig(_Strict):
     """Truncated importance sampling cap on exp(old - sampler) per token; None turns it off."""
     max_log_ratio: float = Field(20.0, gt=0)
     """Log-ratios are clamped to +-this before exp (counted in `clamped_tokens`), so one extreme
-    token cannot overflow the loss and skip the step."""
+    token cannot overflow the loss and skip the step; the KL's ref - logp only from above, the side
+    where its exp can overflow."""
 
 
 class LearnerConfig(_Strict):
@@ -266,11 +267,13 @@ class LearnerConfig(_Strict):
     """Gradient-norm clip."""
     max_prompt_tokens: int = Field(128, gt=0)
     """Prompts are truncated to their last max_prompt_tokens tokens."""
-    scale_advantages_by_std: bool = True
-    """Divide group-centred rewards by the group's std (off: Dr. GRPO's unscaled form)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """What divides the group-centred rewards (TRL's scale_rewards): the group's unbiased std
+    (GRPO), the whole step's (all groups' rewards together), or nothing (Dr. GRPO recommends it)."""
     advantage_eps: float = Field(1e-4, gt=0)
-    """Floor of the group std, relative to the group's largest |reward|: std + eps * max|R| divides
-    the centred rewards, so differences below ~eps of the rewards' magnitude (rounding) stay small."""
+    """Floor of the std, relative to the largest |reward| of the rewards it is the std of (the
+    group's, or the step's with scale_rewards "batch"): std + eps * max|R| divides the centred
+    rewards, so differences below ~eps of the rewards' magnitude (rounding) stay small."""
     logprob_chunk_size: int = Field(1024, gt=0)
     """Positions per chunk when turning hidden states into log-probabilities."""
     gradient_checkpointing: bool = False

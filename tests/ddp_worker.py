@@ -53,7 +53,7 @@ def recorded_rollouts(step: int, *, nan_in_last_group: bool = False) -> Rollouts
     lengths_N[4] = 0
     completion_ids_N = [torch.randint(3, VOCAB_SIZE, (n,), generator=gen).tolist() for n in lengths_N]
     sampler_logprobs_N = [(-6.9 + 0.3 * torch.randn(n, generator=gen)).tolist() for n in lengths_N]
-    advantages_P_G = group_normalize(torch.rand(P, G, generator=gen), eps=1e-4, scale_by_std=True)
+    advantages_P_G = group_normalize(torch.rand(P, G, generator=gen), eps=1e-4, scale_rewards="group")
     if nan_in_last_group:
         advantages_P_G[-1, 0] = torch.nan
     prompt_ids_N = [prompt_ids_P[p] for p in range(P) for _ in range(G)]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from learner import reward_funcs
+from learner.advantages import group_normalize
 from learner.learn import learn_from, rewards_come_from_the_update
 from learner.model import load_policy
 from learner.prompts import UnsupervisedRow
@@ -98,6 +99,8 @@ def test_rewards_from_the_update_equal_scoring_first_and_so_does_the_step(tiny_m
         ({"reward_funcs": ["completion_log_likelihood"]}, True),  # the mode's own reward, named
         ({"reward_funcs": ["completion_log_likelihood"], "reward_weights": [2.0]}, False),  # scaled: scored apart
         ({"reward_funcs": ["completion_log_likelihood", "m:f"]}, False),  # a sum: scored apart
+        ({"scale_rewards": "none"}, True),  # each group's advantages still need only its own rewards
+        ({"scale_rewards": "batch"}, False),  # the batch's std needs every group's before the first step
     ],
 )
 def test_rewards_come_from_the_update_only_where_the_math_allows(
@@ -106,3 +109,13 @@ def test_rewards_come_from_the_update_only_where_the_math_allows(
     cfg = LearnerConfig(**{"micro_batch_size": 16, **overrides})
     policy, _ = load_policy(str(tiny_model_dir), cfg)
     assert rewards_come_from_the_update(policy, cfg, 4) is fused
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_advantages_are_scaled_as_configured(tiny_model_dir: Path, scale_rewards: str) -> None:
+    # Whatever path computed them (fused for "group" and "none", scored first for "batch"), the
+    # advantages are group_normalize of the step's rewards with the configured scaling.
+    cfg, _, learned, _, _ = learned_with(tiny_model_dir, micro_batch_size=4, scale_rewards=scale_rewards)
+    want_P_G = group_normalize(learned.rewards_P_G, eps=cfg.advantage_eps, scale_rewards=scale_rewards)
+    torch.testing.assert_close(learned.advantages_P_G, want_P_G)
+    assert learned.advantages_P_G.abs().max() > 0.1

@@ -71,6 +71,19 @@ def test_gradients_flow_through_chunked_checkpointed_logprobs(tiny_model_dir: Pa
     assert all(p.grad is None for n, p in policy.named_parameters() if "lora_" not in n)
 
 
+def test_an_all_empty_micro_batch_backpropagates_a_zero_gradient(tiny_model_dir: Path) -> None:
+    # No completion has a token: nothing is scored, so the [2, 0] result must still hang off the
+    # forward (the loss promises an all-masked batch backpropagates), and every LoRA gradient is
+    # exactly zero: no scored position, so no path from any weight to the (empty) output.
+    policy, _ = load_policy(str(tiny_model_dir), LearnerConfig())
+    seqs = [Sequence.continuation([5, 6], []), Sequence.continuation([7], [])]
+    logprobs_N_T = scored_logprobs(policy, seqs, temperature=1.0, chunk_size=2, pad_id=0)
+    assert logprobs_N_T.shape == (2, 0) and logprobs_N_T.requires_grad
+    logprobs_N_T.sum().backward()
+    lora_grads = [p.grad for n, p in policy.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None and torch.equal(g, torch.zeros_like(g)) for g in lora_grads)
+
+
 def _policy(tiny_model_dir: Path, **cfg):
     cfg = LearnerConfig(**cfg)
     policy, _ = load_policy(str(tiny_model_dir), cfg)

@@ -276,3 +276,19 @@ def test_clamping_keeps_float32_finite() -> None:
     )
     out = grpo_loss(inputs, LossConfig(beta=1.0))
     assert torch.isfinite(out.loss) and out.clamped_tokens == 1
+
+
+def test_kl_keeps_its_gradient_far_above_the_reference() -> None:
+    # Policy 21 and 25 nats above the reference: x = ref - logp = [-21, -25]. k3 = e^x - x - 1
+    # cannot overflow for x < 0 (e^x <= 1), so nothing is clamped there:
+    #   k3 = [e^-21 + 20, e^-25 + 24], mean (with beta 1, A 0: also the loss) = 22 + (e^-21 + e^-25) / 2.
+    # d k3 / d logp = (e^x - 1) * dx/dlogp = 1 - e^x, over 2 tokens: [(1 - e^-21) / 2, (1 - e^-25) / 2],
+    # pulling logp back down toward the reference (a clamp at -20 would make it 0 and the KL 19).
+    inputs, learner_N_T = _inputs(log_ratio=[[0.0, 0.0]], advantages=[0.0], ref_minus_learner=[[-21.0, -25.0]])
+    out = grpo_loss(inputs, LossConfig(beta=1.0, max_log_ratio=20.0))
+    out.loss.backward()
+    kl = 22.0 + (math.exp(-21.0) + math.exp(-25.0)) / 2
+    torch.testing.assert_close(out.loss, _t(kl))
+    torch.testing.assert_close(out.kl_mean, kl)
+    torch.testing.assert_close(learner_N_T.grad, _t([[(1 - math.exp(-21.0)) / 2, (1 - math.exp(-25.0)) / 2]]))
+    assert out.clamped_tokens == 0

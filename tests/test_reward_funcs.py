@@ -319,7 +319,7 @@ def test_a_function_and_a_built_in_sum_by_weight(tiny_policy) -> None:
     torch.testing.assert_close(learned.components_P_G["answer_perplexity"], perplexity_P_G)
     torch.testing.assert_close(learned.components_P_G["exact_match"], exact_P_G, rtol=0, atol=0)
     torch.testing.assert_close(learned.rewards_P_G, 1.0 * exact_P_G + 0.5 * perplexity_P_G)
-    want_advantages = group_normalize(learned.rewards_P_G, eps=cfg.advantage_eps, scale_by_std=True)
+    want_advantages = group_normalize(learned.rewards_P_G, eps=cfg.advantage_eps, scale_rewards="group")
     torch.testing.assert_close(learned.advantages_P_G, want_advantages)
     assert not learned.stats.skipped and learned.score_s > 0
 

@@ -97,17 +97,22 @@ def test_floor_empty_rewards_empty_batch() -> None:
 
 
 def test_floor_keeps_the_other_completions_advantages_full_size() -> None:
-    # Group of -mean NLLs [-2, -3, -4] and one empty completion. Population std, eps 0 here:
-    #   fixed -20: mean -7.25, std sqrt((5.25^2 + 4.25^2 + 3.25^2 + 12.75^2) / 4) = sqrt(54.6875),
-    #     so -2 vs -4 differ by 2 / 7.3951 = 0.27 in advantage;
-    #   floor -4 - 1 = -5: mean -3.5, std sqrt((1.5^2 + 0.5^2 + 0.5^2 + 1.5^2) / 4) = sqrt(1.25),
-    #     so they differ by 2 / 1.1180 = 1.79, about 6.6x more.
+    # Group of -mean NLLs [-2, -3, -4] and one empty completion. Unbiased std, eps 0 here:
+    #   fixed -20: mean -7.25, std sqrt((5.25^2 + 4.25^2 + 3.25^2 + 12.75^2) / 3) = sqrt(72.9167),
+    #     so -2 vs -4 differ by 2 / 8.5391 = 0.23 in advantage;
+    #   floor -4 - 1 = -5: mean -3.5, std sqrt((1.5^2 + 0.5^2 + 0.5^2 + 1.5^2) / 3) = sqrt(5/3),
+    #     so they differ by 2 / 1.2910 = 1.55, about 6.6x more.
     rewards_P_G = torch.tensor([[-2.0, -3.0, -4.0, -20.0]], dtype=torch.float64)
     empty_P_G = torch.tensor([[F, F, F, T]])
-    fixed_P_G = group_normalize(rewards_P_G, eps=0.0, scale_by_std=True)
-    floored_P_G = group_normalize(floor_empty_rewards(rewards_P_G, empty_P_G, margin=1.0), eps=0.0, scale_by_std=True)
-    torch.testing.assert_close(fixed_P_G[0, 0] - fixed_P_G[0, 2], torch.tensor(2 / 54.6875**0.5, dtype=torch.float64))
-    torch.testing.assert_close(floored_P_G[0, 0] - floored_P_G[0, 2], torch.tensor(2 / 1.25**0.5, dtype=torch.float64))
+    fixed_P_G = group_normalize(rewards_P_G, eps=0.0, scale_rewards="group")
+    floored_rewards_P_G = floor_empty_rewards(rewards_P_G, empty_P_G, margin=1.0)
+    floored_P_G = group_normalize(floored_rewards_P_G, eps=0.0, scale_rewards="group")
+    torch.testing.assert_close(
+        fixed_P_G[0, 0] - fixed_P_G[0, 2], torch.tensor(2 / (218.75 / 3) ** 0.5, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        floored_P_G[0, 0] - floored_P_G[0, 2], torch.tensor(2 / (5 / 3) ** 0.5, dtype=torch.float64)
+    )
 
 
 # --- supervised, answer_perplexity: coverage * likelihood of the answer ------------------------
