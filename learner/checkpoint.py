@@ -6,7 +6,9 @@
 - `optimizer.pt`: AdamW's state, moments and step counts (there is no LR scheduler);
 - `rng.pt`: torch's CPU (and CUDA) generator states;
 - `trainer_state.json`: the step; the policy version served for the next step and its adapter
-  directory under output_dir/adapters; the prompt sampler's RNG and position; Python's `random`.
+  directory under output_dir/adapters; the prompt sampler's RNG and position; Python's `random`;
+- `run_identity.json`: the run's settings, data and model (learner.run_identity), which a resume
+  compares with its own.
 
 A checkpoint is written into a hidden temp directory and renamed into place, so a run killed
 mid-write leaves no `step-*` directory for `latest` to pick, only a `.step-*` one it ignores.
@@ -33,6 +35,7 @@ from peft import PeftModel
 from learner.distributed import Distributed
 from learner.model import ADAPTER_WEIGHTS, load_adapter_weights, save_adapter, save_next_version
 from learner.prompts import PromptSampler
+from learner.reference import POLICY
 from learner.run_log import drop_samples_after, drop_steps_after
 from shared.config import LearnerConfig
 from shared.errors import ConfigError
@@ -77,7 +80,8 @@ def save_if_due(
     if not cfg.save_steps or state.step % cfg.save_steps or not ranks.is_main:
         return None
     root = cfg.output_dir / "checkpoints"
-    path = save(root, state, policy, optimizer, prompts)
+    identity = cfg.output_dir / IDENTITY_FILE  # grpo-learner writes it before step 1
+    path = save(root, state, policy, optimizer, prompts, identity if identity.is_file() else None)
     done = sorted(_complete(root), key=_step)
     for old in done[: -cfg.save_total_limit] if cfg.save_total_limit else []:
         _remove(old)
@@ -86,15 +90,21 @@ def save_if_due(
 
 
 def save(
-    root: Path, state: TrainState, policy: PeftModel, optimizer: torch.optim.Optimizer, prompts: DataPosition
+    root: Path,
+    state: TrainState,
+    policy: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    prompts: DataPosition,
+    identity: Path | None = None,
 ) -> Path:
     """Write `root/step-{state.step:06d}` atomically: a temp dir, then a rename that fails rather than
-    overwrite an existing checkpoint. Safe against the process dying, not against power loss (no fsync)."""
+    overwrite an existing checkpoint. Safe against the process dying, not against power loss (no fsync).
+    `identity`, the run's run_identity.json, is copied in (without one, a resume needs --allow-config-change)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
     try:
-        policy.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+        policy.save_pretrained(str(tmp / "adapter"), safe_serialization=True, selected_adapters=[POLICY])
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -102,6 +112,8 @@ def save(
             # CUDA context on every visible GPU, in every rank.
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, tmp / "rng.pt")
+        if identity is not None:
+            shutil.copy(identity, tmp / IDENTITY_FILE)
         trainer_state = {
             "step": state.step,
             "policy_version": state.version,
@@ -127,6 +139,8 @@ RUN_OUTPUTS = ("metrics.jsonl", "samples", "checkpoints", "tensorboard")
 served-base are written before, and rewritten by the next run). Adapter versions alone are not a
 run's: a server's adapter root may hold other learners' (compose mounts its volume there)."""
 CONFIG_FILE = "config.yaml"
+IDENTITY_FILE = "run_identity.json"
+"""What the run depends on (learner.run_identity): written beside config.yaml, copied into each checkpoint."""
 
 
 def earlier_run(output_dir: Path) -> list[str]:
@@ -234,6 +248,10 @@ def restore(
     saved = json.loads((path / STATE_FILE).read_text())
     load_adapter_weights(policy, path / "adapter")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    for group in optimizer.param_groups:
+        # The loaded state carries the settings it was saved with: this run's win (they differ only
+        # with --allow-config-change, which run_identity logged).
+        group.update(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available() and "cuda" in rng:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -55,7 +56,12 @@ model is built (seeded, warmed up on an addition task) into runs/tiny-model.
 
 Every --save-steps steps a checkpoint (adapter, optimizer, RNG states, data position) goes to
 <output_dir>/checkpoints/step-N; --resume auto continues a killed run from the newest one, and
-ends with the weights an uninterrupted run would have (given --sampling-seed).
+ends with the weights an uninterrupted run would have (given --sampling-seed). A resume may change
+the steps, checkpointing, reporting, paths, server connection and memory settings; other settings,
+data or model than the checkpoint's run's are refused with the list of them, before any model
+loads (--allow-config-change goes on with them, the new learning rate included).
+
+With --init-adapter, the KL penalty pulls towards that adapter (--reference init), not the base.
 
 Under `torchrun --nproc_per_node=N -m learner.cli ...` (gloo on CPU, NCCL on CUDA) each rank
 samples and scores its share of every step's prompts (--prompts-per-step must divide by N) from
@@ -168,7 +174,7 @@ def train(cfg: LearnerConfig) -> Path | None:
         cfg = _under_torchrun(cfg, ranks)
     model_dir = _model_dir(cfg)
 
-    from learner import checkpoint, loop, trackers
+    from learner import checkpoint, loop, run_identity, trackers
     from learner.local_server import local_rollout_server, server_flags
     from learner.model import load_policy, loads_in_4bit, served_base, with_model_sampling_defaults
     from learner.rollout_client import RolloutClient
@@ -178,12 +184,15 @@ def train(cfg: LearnerConfig) -> Path | None:
     # A bad --resume, or an earlier run's outputs a fresh start would mix with, stop here (before
     # config.yaml is rewritten: it tells whether they are this run's).
     checkpoint.check_one_run(cfg)
+    # So does a resume whose checkpoint's run had other settings, data or model (run_identity).
+    identity = run_identity.checked(cfg, data, model_dir)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         # The resolved settings, for reproducing the run; the API key stays out of the file.
         (cfg.output_dir / checkpoint.CONFIG_FILE).write_text(
             yaml.safe_dump(checkpoint.run_settings(cfg), sort_keys=False)
         )
+        (cfg.output_dir / checkpoint.IDENTITY_FILE).write_text(json.dumps(identity, indent=1))
     trackers.check_installed(cfg.report_to)  # a tracker that is not installed, too
     # Joined before the model loads: under NCCL the rank's GPU becomes the current device.
     with ranks, ExitStack() as stack:

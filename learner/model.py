@@ -1,7 +1,7 @@
 """The policy: a base model (4-bit NF4 on CUDA, full precision on CPU) with a trainable LoRA.
 
-The reference model is the same object with its adapter disabled (`model.disable_adapter()`), so
-no second copy of the base is held.
+The KL reference is the same object with its adapter disabled, or with the init adapter's weights
+as a second, frozen adapter active (learner.reference), so no second copy of the base is held.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from learner.distributed import Distributed
+from learner.reference import POLICY, hold_init_reference
 from shared.config import LearnerConfig
 from shared.device import check_gpu_usable
 from shared.errors import ConfigError
@@ -47,7 +48,8 @@ def eos_token_ids(generation_config: GenerationConfig, tokenizer: PreTrainedToke
 
 
 def load_policy(model_dir: str, cfg: LearnerConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """The base model with a LoRA, fresh (seeded) or with `cfg.init_adapter`'s weights, and its tokenizer."""
+    """The base model with a LoRA, fresh (seeded) or with `cfg.init_adapter`'s weights (then also held
+    as the frozen KL reference, unless `cfg.reference` is base), and its tokenizer."""
     check_gpu_usable(torch.cuda.is_available(), torch.__version__, torch.version.cuda)  # no silent CPU run
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if torch.cuda.is_available():
@@ -93,6 +95,7 @@ def load_policy(model_dir: str, cfg: LearnerConfig) -> tuple[PeftModel, PreTrain
     policy = get_peft_model(base, lora)
     if cfg.init_adapter is not None:
         load_adapter_weights(policy, cfg.init_adapter)
+        hold_init_reference(policy, cfg)
     return policy, tokenizer
 
 
@@ -255,7 +258,7 @@ def save_adapter(model: PeftModel, adapter_root: Path, version: int) -> Path:
     final = version_dir(adapter_root, version)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=adapter_root))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=[POLICY])  # not the reference
         os.rename(tmp, final)  # atomic; fails rather than overwrite an existing version
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -82,15 +82,20 @@ class PromptSampler:
         return batch
 
     def state_dict(self) -> dict:
-        """Where the sampler stands, as JSON-able values: its RNG and what is left of this epoch."""
+        """Where the sampler stands, as JSON-able values: its RNG, what is left of this epoch, and of
+        how many rows."""
         version, internal, gauss = self._rng.getstate()
-        return {"rng": [version, list(internal), gauss], "order": list(self._order)}
+        return {"rng": [version, list(internal), gauss], "order": list(self._order), "rows": len(self._rows)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a `state_dict()`: the same batches follow as after the one it was taken at."""
+        """Continue from a `state_dict()`: the same batches follow as after the one it was taken at.
+        Taken over another number of rows (a resume with other data, --allow-config-change), a new
+        epoch begins instead: the rest of that one indexes the old rows."""
         version, internal, gauss = state["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
-        self._order = list(state["order"])
+        # A checkpoint written before the count was recorded: taken as of these rows.
+        same_rows = state.get("rows", len(self._rows)) == len(self._rows)
+        self._order = list(state["order"]) if same_rows else []
 
 
 class PromptEncoder:

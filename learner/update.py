@@ -14,6 +14,7 @@ from learner.distributed import Distributed
 from learner.logprobs import Sequence, scored_logprobs, scored_mask
 from learner.loss import LossInputs, grpo_loss
 from learner.quantiles import quantiles
+from learner.reference import reference_weights
 from shared.config import LearnerConfig
 
 
@@ -95,7 +96,7 @@ def policy_update(
     gaps_M, is_weights_M, clamped, finite = [], [], 0, True
     for start in range(0, len(sequences), cfg.micro_batch_size):
         part = slice(start, start + cfg.micro_batch_size)
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), reference_weights(model):
             ref_logprobs_B_T = scored_logprobs(model, sequences[part], **kwargs)
         learner_logprobs_B_T = scored_logprobs(model, sequences[part], **kwargs)
         width = learner_logprobs_B_T.shape[1]

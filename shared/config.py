@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator, model_validator
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ranks vLLM sizes its LoRA buffers to (vllm.config.lora.MaxLoRARanks in vLLM 0.32); it
@@ -157,7 +157,7 @@ class LossConfig(_Strict):
     clip_eps_high: float = Field(0.2, ge=0)
     """Upper clip: the ratio is clipped at 1 + clip_eps_high."""
     beta: float = Field(0.04, ge=0)
-    """Weight of the k3 KL estimator against the reference (base model, adapter disabled)."""
+    """Weight of the k3 KL estimator against the reference (`reference`: the base or the init adapter)."""
     aggregation: Literal["token_mean", "sequence_mean", "token_sum"] = "token_mean"
     """How per-token losses become one: token_mean (DAPO), sum over the batch's completion tokens /
     their number; sequence_mean (GRPO), each sequence's token mean, then the mean over sequences
@@ -322,11 +322,20 @@ class LearnerConfig(_Strict):
     resume: str | None = None
     """Resume from a checkpoint: 'auto' the newest complete one in output_dir/checkpoints (a fresh
     start if none), or a checkpoint directory. The run goes on at its step + 1 with its weights,
-    optimizer state (learning rate included) and data position; output_dir's later metrics rows,
-    adapter versions and checkpoints are deleted, as those steps are redone."""
+    optimizer moments and data position; output_dir's later metrics rows, adapter versions and
+    checkpoints are deleted, as those steps are redone. Settings other than steps, checkpointing,
+    reporting, paths, server connection and memory ones (learner.run_identity.SAFE_TO_CHANGE),
+    the data and the model must be the checkpoint's run's, unless allow_config_change."""
     init_adapter: Path | None = None
     """A peft adapter directory whose weights start the LoRA (its shape must match `lora`); the
     first rollouts sample from it. A resumed run takes its checkpoint's weights instead."""
+    reference: Literal["base", "init"] | None = None
+    """What the KL penalty (loss.beta) pulls the policy towards: base, the base model (the LoRA
+    disabled); init, the init_adapter's weights, held as a frozen second adapter (TRL's choice).
+    None: init when init_adapter is given, else base."""
+    allow_config_change: bool = False
+    """Resume even though the checkpoint's run had other settings, data or model than these
+    (learner.run_identity lists what differs; without this a resume refuses it)."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     """LoRA shape."""
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -359,6 +368,13 @@ class LearnerConfig(_Strict):
         if len(set(urls)) != len(urls):
             raise ValueError(f"a rollout server is listed twice: {urls}")
         return urls
+
+    @field_validator("reference")
+    @classmethod
+    def _init_reference_needs_an_init_adapter(cls, reference: str | None, info: ValidationInfo) -> str | None:
+        if reference == "init" and info.data.get("init_adapter") is None:
+            raise ValueError("'init' is the initial adapter: give init_adapter (--init-adapter), or reference 'base'")
+        return reference
 
     @field_validator("server")
     @classmethod

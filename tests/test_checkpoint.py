@@ -13,11 +13,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from learner import checkpoint
+from learner import checkpoint, run_identity
 from learner.checkpoint import TrainState
-from learner.cli import main
+from learner.cli import main, parse_config
+from learner.data import load_data
 from learner.distributed import Distributed
-from learner.model import load_adapter_weights, load_policy, save_adapter
+from learner.model import load_adapter_weights, load_policy, save_adapter, with_model_sampling_defaults
 from learner.prompts import PromptSampler, UnsupervisedRow
 from shared.config import LearnerConfig
 from shared.errors import ConfigError
@@ -305,3 +306,55 @@ def test_the_cli_refuses_a_fresh_start_into_a_used_output_dir_before_loading_a_m
         main(["--model", str(not_a_model(tmp_path)), "--output-dir", str(tmp_path)])
     assert e.value.code == 2
     assert "holds an earlier run's metrics.jsonl" in capsys.readouterr().err
+
+
+def test_a_rerun_refused_leaves_the_first_runs_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The fresh start refused, config.yaml is still the first run's (it tells whose outputs these are)."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / checkpoint.CONFIG_FILE).write_text("steps: 3\n")
+    with pytest.raises(SystemExit):
+        main(["--model", str(not_a_model(tmp_path)), "--output-dir", str(tmp_path), "--steps", "9"])
+    assert (tmp_path / checkpoint.CONFIG_FILE).read_text() == "steps: 3\n"
+
+
+def test_the_cli_refuses_a_resume_with_another_learning_rate_or_data_before_loading_a_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))
+    model = str(not_a_model(tmp_path))
+    out = tmp_path / "out"
+    argv = ["--model", model, "--data", str(data), "--output-dir", str(out)]
+    # The first run, as `train` records it, with a checkpoint after step 2.
+    first = with_model_sampling_defaults(parse_config(argv), model)
+    step = out / "checkpoints" / "step-000002"
+    step.mkdir(parents=True)
+    (step / checkpoint.STATE_FILE).write_text("{}")
+    (step / checkpoint.IDENTITY_FILE).write_text(json.dumps(run_identity.of(first, load_data(first), model)))
+    (out / checkpoint.CONFIG_FILE).write_text(yaml.safe_dump(checkpoint.run_settings(first)))
+    config_before = (out / checkpoint.CONFIG_FILE).read_text()
+
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--resume", "auto", "--learning-rate", "1e-3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "step-000002 is a checkpoint of a run with other settings" in err
+    assert "learning_rate: 0.0001 -> 0.001." in err and "--allow-config-change" in err
+
+    data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(4)))
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--resume", "auto"])
+    assert e.value.code == 2
+    assert f"data file {data}: rows 5 -> 4, sha256 " in capsys.readouterr().err
+    assert (out / checkpoint.CONFIG_FILE).read_text() == config_before  # not the refused run's settings
+
+
+def test_a_resume_allowed_a_new_learning_rate_trains_with_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """AdamW's saved state carries the learning rate it was saved with (trained: 1e-2): the run's wins."""
+    cfg = LearnerConfig(output_dir=tmp_path, resume="auto", learning_rate=3e-4, allow_config_change=True)
+    policy, optimizer, prompts = trained(tiny_model_dir, cfg)
+    checkpoint.save(tmp_path / "checkpoints", TrainState(2, 0, None), policy, optimizer, prompts)
+    policy2, optimizer2, prompts2 = trained(tiny_model_dir, cfg, steps=0)
+    checkpoint.restore(cfg, policy2, optimizer2, prompts2)
+    assert [group["lr"] for group in optimizer2.param_groups] == [3e-4]
+    assert optimizer2.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()  # moments restored

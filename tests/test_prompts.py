@@ -69,6 +69,21 @@ class CharTokenizer:
         return [ord(c) for c in text]
 
 
+def test_a_sampler_resumed_over_another_number_of_rows_starts_a_new_epoch() -> None:
+    # A resume let through with other data (--allow-config-change): the saved epoch's order holds
+    # indices of the old rows, 4 of 6 left, at least one of them past the 3 rows now there.
+    rows = [UnsupervisedRow(text=str(i)) for i in range(6)]
+    sampler = PromptSampler(rows, batch_size=2, seed=3)
+    sampler.next_batch()
+    for now in (rows[:3], [*rows, UnsupervisedRow(text="6")]):
+        resumed = PromptSampler(now, batch_size=len(now), seed=0)
+        resumed.load_state_dict(sampler.state_dict())
+        assert sorted(r.text for r in resumed.next_batch()) == sorted(r.text for r in now)  # one whole epoch
+    same = PromptSampler(rows, batch_size=4, seed=0)
+    same.load_state_dict(sampler.state_dict())
+    assert same.next_batch() == [rows[i] for i in reversed(sampler.state_dict()["order"])]  # the epoch goes on
+
+
 def test_encoder_truncation_eos_and_request() -> None:
     cfg = LearnerConfig(mode="supervised", max_prompt_tokens=3, sampling={"n": 4, "seed": 10})
     enc = PromptEncoder(CharTokenizer(), cfg)
