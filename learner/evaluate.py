@@ -82,6 +82,7 @@ class Evaluation:
                 self._cfg,
                 pad_id=self._encode.pad_id,
                 step=step,
+                global_step=step,  # after step `step`: its update is done
             )
             rewards.append(rewards_P_G.flatten())
             for name, values_P_G in components_P_G.items():

@@ -75,8 +75,8 @@ def rewards_come_from_the_update(policy: PeftModel, cfg: LearnerConfig, group_si
         and reward_funcs.is_the_mode_reward(cfg)
         and cfg.sampling.temperature == 1.0
         and cfg.micro_batch_size % group_size == 0
-        and not _drops_out(policy)
         and cfg.scale_rewards != "batch"
+        and not _drops_out(policy)
     )
 
 
@@ -161,6 +161,7 @@ def learn_from(
         cfg,
         pad_id=pad_id,
         step=step,
+        global_step=step - 1,  # the updates done before this step's (TRL's trainer_state.global_step)
     )
     advantages_P_G = _normalize(rewards_P_G, cfg, ranks)
     score_s = time.perf_counter() - start

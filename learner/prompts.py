@@ -118,10 +118,11 @@ class PromptEncoder:
         return self._tokenizer.encode(text, add_special_tokens=False)
 
     def prompt(self, row: Row) -> list[int]:
-        """The prompt's token ids (shared.prompts: BOS when the tokenizer adds one, chat template for
-        conversations), truncated to `max_prompt_tokens` with a leading BOS kept."""
+        """The prompt's token ids (shared.prompts: BOS when the tokenizer adds one, chat template with
+        `chat_template_kwargs` for conversations), truncated to `max_prompt_tokens` with a leading
+        BOS kept."""
         limit = self._cfg.max_prompt_tokens
-        ids = prompt_token_ids(self._tokenizer, row.prompt)
+        ids = prompt_token_ids(self._tokenizer, row.prompt, chat_template_kwargs=self._cfg.chat_template_kwargs)
         if len(ids) <= limit:
             return ids
         if isinstance(row, UnsupervisedRow) and row.text is not None:

@@ -7,18 +7,24 @@ PYTHONPATH) or `path/to/file.py:function`. `load` resolves them all when the lea
 before the model loads, so a typo costs seconds. `score` runs them every step before the update,
 so a function that fails stops the run with nothing of that step applied.
 
-A Python function is called as TRL's GRPOTrainer calls one, so a function written for TRL runs
-unchanged: `fn(prompts=..., completions=..., completion_ids=..., **columns)`, each a list of
-N = P * G entries, prompt by prompt (a prompt's G completions together), returning a list of one
-finite number per completion, or None (or NaN, as in TRL) where it does not apply. `async def`
+A Python function is called as TRL 1.16's GRPOTrainer calls one (`_calculate_rewards`), so a
+function written for TRL runs unchanged: `fn(prompts=..., completions=..., completion_ids=...,
+trainer_state=..., **columns)`, each but trainer_state a list of N = P * G entries, prompt by
+prompt (a prompt's G completions together), returning one finite number per completion, or None
+(or NaN, as in TRL) where it does not apply: a list or tuple of Python or numpy numbers or 0-d
+tensors, or a 1-d numpy array or tensor (what TRL's torch.tensor(...) takes). `async def`
 functions run concurrently.
   prompts: each completion's prompt as its data row gives it: a text, or a conversation's
       messages as dicts.
-  completions: the completion's text, decoded from its tokens without the end-of-sequence token
-      (what the built-ins score); after a conversation, [{"role": "assistant", "content": text}].
+  completions: the completion's text, decoded from its tokens without special tokens (TRL's
+      skip_special_tokens=True: no end-of-sequence token, no chat-template markers); after a
+      conversation, [{"role": "assistant", "content": text}].
   completion_ids: the sampled token ids, end-of-sequence token included (as TRL's).
+  trainer_state: a transformers TrainerState, as TRL's: global_step (the updates done so far),
+      max_steps (`steps`), logging_steps, eval_steps and save_steps; its other fields (epoch,
+      log_history, ...) keep their defaults.
   columns: each other column of the data row (a supervised row's `answer` among them), None
-      where a row lacks it. TRL's trainer_state, log_extra and log_metric are not passed.
+      where a row lacks it. TRL's log_extra and log_metric are not passed.
 The reward is the weighted sum of the functions' rewards, a None adding nothing
 (`rewards.weighted_reward_sum`); each function's own rewards are kept for the logs.
 """
@@ -41,9 +47,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 from peft import PeftModel
 from torch import Tensor
+from transformers import TrainerState
 
 from learner import scoring
 from learner.prompts import Row
@@ -60,7 +68,7 @@ BUILTIN_MODES: dict[Builtin, tuple[str, ...]] = {
     "answer_perplexity": ("supervised",),  # they score the data's answers
     "completion_cross_entropy": ("supervised",),
 }
-ARGUMENTS = ("prompts", "completions", "completion_ids")
+ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
 """What every Python function gets besides the columns; a column of one of these names is not passed."""
 
 
@@ -133,26 +141,29 @@ def score(
     text_ids_P_G: list[list[list[int]]],
     answer_ids_P: list[list[int]] | None,
     rows_P: list[Row],
-    decode: Callable[[list[int]], str],
+    decode: Callable[..., str],
     cfg: LearnerConfig,
     *,
     pad_id: int,
     step: int,
+    global_step: int,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """rewards_P_G, the weighted sum of every function's rewards, and each function's own
     (components_P_G by name, NaN where it returned None; empty when the reward is one built-in
     at weight 1, which rewards_P_G then is).
 
     Built-ins are scored by `policy` (`scoring.score`, no gradients) on the text tokens
-    `text_ids_P_G`; Python functions get the completions decoded by `decode`. Python functions
-    run first: they fail before the policy's passes are spent. RewardFunctionError names the
-    function and `step` when one raises or returns anything but one number or None per completion.
+    `text_ids_P_G`; Python functions get the completions decoded by `decode` (the tokenizer's,
+    called with skip_special_tokens=True) and a TrainerState at `global_step` (the updates done:
+    step - 1 in training step `step`, `step` in the evaluation after it). Python functions run
+    first: they fail before the policy's passes are spent. RewardFunctionError names the function
+    and `step` when one raises or returns anything but one number or None per completion.
     """
     P, G = len(completions_P_G), len(completions_P_G[0])
     assert len(rows_P) == len(prompt_ids_P) == P, (len(rows_P), len(prompt_ids_P), P)
     python = [f for f in funcs if f.builtin is None]
     from_python_N = (
-        _call_python(python, rows_P, completions_P_G, text_ids_P_G, decode, step, answer_key=cfg.answer_key)
+        _call_python(python, rows_P, completions_P_G, text_ids_P_G, decode, step, _trainer_state(cfg, global_step), cfg)
         if python
         else {}
     )
@@ -188,19 +199,21 @@ def _call_python(
     rows_P: list[Row],
     completions_P_G: list[list[Completion]],
     text_ids_P_G: list[list[list[int]]],
-    decode: Callable[[list[int]], str],
+    decode: Callable[..., str],
     step: int,
-    *,
-    answer_key: str | None = None,
+    trainer_state: TrainerState,
+    cfg: LearnerConfig,
 ) -> dict[str, Tensor]:
     """rewards_N of each Python function by name, NaN where it returned None (TRL's arguments).
     A supervised row's answer is the column `answer`, and also the data's own column name when
-    `answer_key` renamed it (a TRL function takes the dataset's columns by their names)."""
+    `cfg.answer_key` renamed it (a TRL function takes the dataset's columns by their names)."""
     G = len(completions_P_G[0])
     prompts_P = [row.prompt if isinstance(row.prompt, str) else [m.model_dump() for m in row.prompt] for row in rows_P]
-    texts_P_G = [[decode(t) for t in group] for group in text_ids_P_G]
+    # TRL: batch_decode(completion_ids, skip_special_tokens=True); a chat model's completion ends
+    # in its template's markers (<|im_end|>, <|eot_id|>), which no reward should have to strip.
+    texts_P_G = [[decode(t, skip_special_tokens=True) for t in group] for group in text_ids_P_G]
     columns_P = [
-        {k: v for k, v in {**_answer_columns(row, answer_key), **row.extra}.items() if k not in ARGUMENTS}
+        {k: v for k, v in {**_answer_columns(row, cfg.answer_key), **row.extra}.items() if k not in ARGUMENTS}
         for row in rows_P
     ]
     names = sorted({k for columns in columns_P for k in columns})
@@ -212,10 +225,23 @@ def _call_python(
             for text in texts
         ],
         "completion_ids": [list(c.token_ids) for group in completions_P_G for c in group],
+        "trainer_state": trainer_state,
         **{k: [columns.get(k) for columns in columns_P for _ in range(G)] for k in names},
     }
     results = _call_each(funcs, kwargs)
     return {f.name: _checked(f, result, len(kwargs["prompts"]), step) for f, result in zip(funcs, results, strict=True)}
+
+
+def _trainer_state(cfg: LearnerConfig, global_step: int) -> TrainerState:
+    """The TrainerState TRL passes its reward functions (for schedules over the run), with the
+    fields this run has: the updates done and the run's length; steps are optimizer steps."""
+    return TrainerState(
+        global_step=global_step,
+        max_steps=cfg.steps,
+        logging_steps=1,  # every step's metrics are written
+        eval_steps=cfg.eval_steps,
+        save_steps=cfg.save_steps,
+    )
 
 
 def _answer_columns(row: Row, answer_key: str | None) -> dict[str, Any]:
@@ -258,16 +284,31 @@ def _checked(func: RewardFunc, result: Any, n: int, step: int) -> Tensor:
         frame = traceback.extract_tb(result.__traceback__)[-1]
         where = f" ({Path(frame.filename).name}:{frame.lineno})"
         raise error(f"raised {type(result).__name__}: {result}{where}") from result
+    if isinstance(result, np.ndarray | Tensor):
+        if result.ndim != 1:
+            raise error(f"returned an array of shape {tuple(result.shape)}, not one reward per completion ({n})")
+        result = list(result)  # its numbers: numpy scalars, or 0-d tensors
     if not isinstance(result, list | tuple):
         raise error(f"returned a {type(result).__name__}, not a list of {n} rewards (numbers or None)")
     if len(result) != n:
         raise error(f"returned {len(result)} rewards for {n} completions (one per completion, prompt by prompt)")
-    for i, reward in enumerate(result):
-        if reward is not None and not isinstance(reward, numbers.Real):
-            raise error(f"returned {reward!r} ({type(reward).__name__}) for completion {i}: not a number or None")
+    rewards = [_number(reward) for reward in result]
+    for i, (reward, given) in enumerate(zip(rewards, result, strict=True)):
+        if reward is None and given is not None:
+            raise error(f"returned {given!r} ({type(given).__name__}) for completion {i}: not a number or None")
         if reward is not None and math.isinf(reward):
             raise error(f"returned {reward} for completion {i}: rewards are finite numbers, or None")
-    return torch.tensor([math.nan if r is None else float(r) for r in result], dtype=torch.float32)
+    return torch.tensor([math.nan if r is None else r for r in rewards], dtype=torch.float32)
+
+
+def _number(reward: Any) -> float | None:
+    """A reward as a float, as TRL's torch.tensor(rewards) reads it: a Python or numpy number
+    (bool included) or a 0-d tensor or array; None for None and for anything else."""
+    if isinstance(reward, Tensor | np.ndarray) and reward.ndim == 0:
+        reward = reward.item()
+    if isinstance(reward, numbers.Real | np.bool_):
+        return float(reward)
+    return None
 
 
 def _resolve(entry: str, weight: float, mode: str) -> RewardFunc:

@@ -98,7 +98,7 @@ async def warm_up(engine: RolloutEngine) -> None:
     the engine died on it (measured) after /health had already answered ok. A failure here fails
     the start, which a supervisor sees as an exit."""
     started = time.monotonic()
-    prompt_token_ids = engine.tokenize("Hello") or [0]
+    prompt_token_ids = engine.tokenize("Hello", {}) or [0]
     request = RolloutRequest(prompt_token_ids=[prompt_token_ids], n=1, max_tokens=2)
     await engine.generate(prompt_token_ids, request, seed=0, lora=None, request_id=WARM_UP_REQUEST_ID)
     log.info("warm-up: the engine generated its first tokens in %.1f s", time.monotonic() - started)

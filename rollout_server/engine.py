@@ -7,8 +7,11 @@ fake with the same methods behind the same service.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
+
+from pydantic import JsonValue
 
 from shared.config import ServerConfig
 from shared.device import check_gpu_usable
@@ -58,9 +61,14 @@ class RolloutEngine(Protocol):
     model_runner: str
     """The engine's model runner, as /health names it (HealthResponse.model_runner)."""
 
-    def tokenize(self, prompt: Prompt) -> list[int]:
+    def tokenize(self, prompt: Prompt, chat_template_kwargs: Mapping[str, JsonValue]) -> list[int]:
         """Token ids of a prompt: a text as the tokenizer encodes it (BOS when it adds one), or a
-        conversation through the chat template with the generation prompt."""
+        conversation through the chat template (shared.prompts), with `chat_template_kwargs`. A
+        conversation the template refuses is an InvalidRequestError."""
+        ...
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`, special tokens included (what the sample log shows of a prompt)."""
         ...
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
@@ -179,8 +187,18 @@ class VllmEngine:
         """The vLLM AsyncLLM this engine drives (bench/direct_rollouts.py compares the server with it)."""
         return self._llm
 
-    def tokenize(self, prompt: Prompt) -> list[int]:
-        return prompt_token_ids(self._tokenizer, prompt)
+    def tokenize(self, prompt: Prompt, chat_template_kwargs: Mapping[str, JsonValue]) -> list[int]:
+        from jinja2 import TemplateError
+
+        try:
+            return prompt_token_ids(self._tokenizer, prompt, chat_template_kwargs=chat_template_kwargs)
+        except (TemplateError, ValueError) as e:
+            # The template's own raise_exception (roles must alternate, ...) or transformers' refusal
+            # to continue a final message the template drops: the request's, not the server's.
+            raise InvalidRequestError(f"the model's chat template cannot render the conversation: {e}") from e
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids)
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         return [self._tokenizer.decode([token_id]) for token_id in token_ids]
@@ -235,6 +253,7 @@ class VllmEngine:
                 token_ids=list(out.token_ids),
                 logprobs=[step[tok].logprob for tok, step in zip(out.token_ids, out.logprobs or [], strict=True)],
                 finish_reason=out.finish_reason,
+                stop_reason=out.stop_reason,
                 top_logprobs=[_by_id(step) for step in out.logprobs or []] if request.logprobs else None,
             )
             for out in sorted(final.outputs, key=lambda o: o.index)

@@ -14,7 +14,7 @@ from itertools import accumulate
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 
 from rollout_server.http_errors import UNPARSED_BODY, error_responses
 from rollout_server.routes import ServiceDep, cancelled_on_disconnect
@@ -124,7 +124,15 @@ async def chat_completions(body: OpenAIChatRequest, service: ServiceDep, request
     """n assistant turns answering the conversation, rendered by the model's chat template."""
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else 0
-    rollout = await _rollout(body, max_tokens, service, request, prompts=[body.messages], logprobs=top)
+    rollout = await _rollout(
+        body,
+        max_tokens,
+        service,
+        request,
+        prompts=[body.messages],
+        logprobs=top,
+        chat_template_kwargs=body.chat_template_kwargs,
+    )
     choices = [
         OpenAIChatChoice(
             index=index,
@@ -154,9 +162,11 @@ async def _rollout(
     prompt_token_ids: list[list[int]] | None = None,
     logprobs: int = 0,
     prompt_logprobs: int | None = None,
+    chat_template_kwargs: dict[str, JsonValue] | None = None,
 ) -> RolloutResponse:
     """`body`'s sampling of `prompts` (or `prompt_token_ids`) as a rollout of the adapter its
-    `model` names, with `logprobs` alternatives per token and `prompt_logprobs` as a rollout's."""
+    `model` names, with `logprobs` alternatives per token and `prompt_logprobs` as a rollout's;
+    conversations rendered with `chat_template_kwargs`."""
     if body.stream:
         raise UnsupportedFeatureError("stream=true: this server does not stream; leave 'stream' false")
     adapter = service.adapter_of(body.model)
@@ -167,6 +177,7 @@ async def _rollout(
             prompt_token_ids=prompt_token_ids,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            chat_template_kwargs=chat_template_kwargs or {},
             n=body.n,
             max_tokens=max_tokens,
             temperature=body.temperature,

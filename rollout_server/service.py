@@ -143,7 +143,9 @@ class RolloutService:
             self.metrics.requests.labels("asleep").inc()
             raise ServerAsleepError("the server is asleep (POST /wake_up first); no rollout was generated")
         served = self._serving(request.adapter, request.version)
-        prompt_ids = request.prompt_token_ids or [self.engine.tokenize(p) for p in request.prompts or []]
+        prompt_ids = request.prompt_token_ids or [
+            self.engine.tokenize(p, request.chat_template_kwargs) for p in request.prompts or []
+        ]
         vocab_size = self.engine.vocab_size
         for i, ids in enumerate(prompt_ids):
             if not ids:

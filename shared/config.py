@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator, model_validator
 
+from shared.schemas import ChatTemplateKwargs
+
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ranks vLLM sizes its LoRA buffers to (vllm.config.lora.MaxLoRARanks in vLLM 0.32); it
 refuses any other max_lora_rank at start-up."""
@@ -187,6 +189,8 @@ class LearnerConfig(_Strict):
     'prompt', or in unsupervised mode 'text' (a document) when a row has no 'prompt'."""
     answer_key: str | None = None
     """Column of the answer (supervised mode); None: 'answer'."""
+    chat_template_kwargs: ChatTemplateKwargs = Field(default_factory=dict)
+    """Keywords of the chat template that renders chat prompts, e.g. {enable_thinking: false} (Qwen3)."""
     eval_data: Path | None = None
     """Held-out rows, in any format `data` takes; never trained on."""
     eval_fraction: float | None = Field(None, gt=0, lt=1)
@@ -208,8 +212,8 @@ class LearnerConfig(_Strict):
     completion_log_likelihood (minus the completion's mean NLL, the unsupervised reward; any mode),
     answer_perplexity or completion_cross_entropy (supervised mode); or a Python function,
     'package.module:function' or 'path/to/file.py:function', with TRL's signature
-    fn(prompts, completions, completion_ids, **columns) -> list[float | None] (sync or async; None:
-    does not apply to that completion). See learner/reward_funcs.py."""
+    fn(prompts, completions, completion_ids, trainer_state, **columns) -> list[float | None] (sync or
+    async; None: does not apply to that completion). See learner/reward_funcs.py."""
     reward_weights: list[FiniteFloat] | None = Field(None, min_length=1)
     """Weight of each of reward_funcs, in order (None: 1.0 each)."""
     answer_score: Literal["arithmetic", "geometric"] = "arithmetic"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, model_validator
 
 
 class _Wire(BaseModel):
@@ -63,21 +63,76 @@ class ChatMessage(_Wire):
     content: Text
 
 
+ANSWERED_ROLES = ("user", "tool")
+"""Last roles of a conversation that the assistant answers: the template opens its turn."""
+PREFILL_ROLE = "assistant"
+"""Last role of a conversation whose final message (a prefill) the completion continues."""
+
+
+def continues_final_message(messages: list[ChatMessage]) -> bool:
+    """Whether the completion continues the conversation's final message (an assistant prefill:
+    rendered open, with continue_final_message) rather than answering it (a user or tool message:
+    rendered with the generation prompt), as TRL renders a prompt. Any other last role (a 'system'
+    message closes no turn) is a ValueError."""
+    role = messages[-1].role
+    if role != PREFILL_ROLE and role not in ANSWERED_ROLES:
+        raise ValueError(
+            f"message {len(messages) - 1} is the last, and its role is {role!r}: a conversation ends with a "
+            f"{' or '.join(map(repr, ANSWERED_ROLES))} message (the assistant answers it) or an "
+            f"{PREFILL_ROLE!r} message (a prefill the completion continues)"
+        )
+    return role == PREFILL_ROLE
+
+
+def _ends_with_a_turn(messages: list[ChatMessage]) -> list[ChatMessage]:
+    if messages:  # an empty conversation is refused where it is used (min_length, or with its own message)
+        continues_final_message(messages)
+    return messages
+
+
+Conversation = Annotated[list[ChatMessage], AfterValidator(_ends_with_a_turn)]
+"""Chat messages ending with a turn to answer or to continue (`continues_final_message`)."""
+
+RENDERING_ARGUMENTS = frozenset(
+    {
+        *("self", "conversation", "tools", "documents", "chat_template", "add_generation_prompt"),
+        *("continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors"),
+        *("return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "conversations", "messages"),
+    }
+)
+"""Names that transformers' apply_chat_template (and the render_jinja_template it calls) take as
+arguments, or set themselves: a chat-template keyword of one of these names would change how the
+prompt is rendered (or give the template twice), so it is refused."""
+
+
+def _template_keywords(kwargs: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    taken = sorted(set(kwargs) & RENDERING_ARGUMENTS)
+    if taken:
+        raise ValueError(f"{', '.join(map(repr, taken))} is set by the rendering, not a chat-template keyword")
+    return kwargs
+
+
+ChatTemplateKwargs = Annotated[dict[str, JsonValue], AfterValidator(_template_keywords)]
+"""Keywords the model's chat template reads (Qwen3's enable_thinking, ...), as vLLM's
+chat_template_kwargs; none of RENDERING_ARGUMENTS."""
+
+
 def _prompt_kind(prompt: object) -> str | None:
     return "text" if isinstance(prompt, str) else "messages" if isinstance(prompt, list) else None
 
 
 # Tagged, so an error names the kind of prompt it is about ("prompts.0.text: ...").
 Prompt = Annotated[
-    Annotated[Text, Tag("text")] | Annotated[list[ChatMessage], Tag("messages")],
+    Annotated[Text, Tag("text")] | Annotated[Conversation, Tag("messages")],
     Discriminator(
         _prompt_kind,
         custom_error_type="prompt_type",
         custom_error_message="a prompt is a text or a list of messages",
     ),
 ]
-"""A prompt text, or a conversation that the model's chat template renders with the generation
-prompt (the assistant turn to be completed)."""
+"""A prompt text, or a conversation that the model's chat template renders: with the generation
+prompt (the assistant's turn to be completed) after a user or tool message, open after an
+assistant message (a prefill the completion continues)."""
 
 
 def prompt_chars(prompt: Prompt) -> int:
@@ -100,7 +155,11 @@ class RolloutRequest(_Wire):
 
     prompts: list[Prompt] | None = None
     """Prompt texts (tokenized as the model's tokenizer does: a BOS token when it adds one) or
-    conversations (rendered by the model's chat template, with the generation prompt)."""
+    conversations (rendered by the model's chat template: with the generation prompt, or after an
+    assistant message open, the completion continuing it)."""
+    chat_template_kwargs: ChatTemplateKwargs = Field(default_factory=dict)
+    """Keywords of the chat template that renders the conversations of `prompts` (e.g. Qwen3's
+    {"enable_thinking": false}), as vLLM's; only with a conversation among `prompts`."""
     prompt_token_ids: list[list[StrictInt]] | None = None
     """Prompts as token ids, used verbatim; each id in [0, the model's vocabulary size)."""
     n: StrictInt = Field(8, ge=1)
@@ -148,6 +207,8 @@ class RolloutRequest(_Wire):
             raise ValueError("'prompts' holds a conversation with no message")
         if self.prompts is not None and any(p == "" for p in self.prompts):
             raise ValueError("'prompts' holds an empty text (a prompt needs at least one token)")
+        if self.chat_template_kwargs and not any(isinstance(p, list) for p in self.prompts or []):
+            raise ValueError("'chat_template_kwargs' is given, but no prompt is a conversation (nothing to render)")
         if self.adapter is None and self.version not in (None, 0):
             raise ValueError(f"version {self.version} names an adapter version, but no 'adapter' is given (base: 0)")
         if self.adapter is not None and self.version == 0:
@@ -183,6 +244,9 @@ class Completion(_Wire):
     logprobs: list[float]
     """Sampler log-probability of each sampled token, at the sampling temperature."""
     finish_reason: FinishReason | None
+    stop_reason: str | int | None = None
+    """With finish_reason 'stop': the stop string (left out of `text`) or the stop token id (not an
+    end-of-sequence token) that ended it; None when an end-of-sequence token did (vLLM's)."""
     top_logprobs: list[TokenLogprobs] | None = None
     """With RolloutRequest.logprobs k > 0: at each position, the sampled token's and the k most
     likely tokens' log-probabilities; else None."""
@@ -472,9 +536,12 @@ class OpenAIChatRequest(_OpenAIRequest):
         }
     )
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Conversation = Field(min_length=1)
     """A message's content is a text, or OpenAI's list of text parts ([{"type": "text", "text":
-    ...}], joined in order); other parts (images, audio) are refused."""
+    ...}], joined in order); other parts (images, audio) are refused. The last message is a user
+    or tool message (answered) or an assistant message (a prefill the answer continues)."""
+    chat_template_kwargs: ChatTemplateKwargs | None = Field(default_factory=dict)
+    """Keywords of the model's chat template (e.g. Qwen3's {"enable_thinking": false}), as vLLM's."""
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     """OpenAI's newer name for `max_tokens`; when given, it is the one used."""
     logprobs: bool | None = Field(False, strict=True)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from pydantic import JsonValue
 from safetensors.torch import load_file, save_file
 
 from rollout_server.engine import Generated, LoraHandle
@@ -46,10 +48,17 @@ class FakeEngine:
         self.weight_loads = 0  # load_weights calls so far
         self.generated_on: list[int] = []  # weight_loads at each generate() call
         self.requests: list[tuple[list[int], RolloutRequest]] = []  # each generate()'s prompt and request
+        self.rendered: list[tuple[str | list[dict], dict]] = []  # each tokenize()'s prompt (as JSON) and keywords
 
-    def tokenize(self, prompt: Prompt) -> list[int]:
+    def tokenize(self, prompt: Prompt, chat_template_kwargs: Mapping[str, JsonValue]) -> list[int]:
+        self.rendered.append(
+            (prompt if isinstance(prompt, str) else [m.model_dump() for m in prompt], dict(chat_template_kwargs))
+        )
         text = prompt if isinstance(prompt, str) else "".join(f"{m.role}:{m.content}" for m in prompt)
         return list(text.encode())
+
+    def decode(self, token_ids: list[int]) -> str:
+        return bytes(t % 256 for t in token_ids).decode(errors="replace")
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         # Its completions' ids are labels ([int_id, i, seed]), not bytes of a text.

@@ -119,6 +119,30 @@ def test_chat_renders_the_conversation_and_answers_as_the_assistant(client: Test
     assert body["usage"] == {"prompt_tokens": 22, "completion_tokens": 6, "total_tokens": 28}
 
 
+def test_chat_template_kwargs_reach_the_template_as_vllms_do(client: TestClient, engine: FakeEngine) -> None:
+    chat(client, chat_template_kwargs={"enable_thinking": False})
+    assert engine.rendered[-1] == ([{"role": "user", "content": "hi"}], {"enable_thinking": False})
+    # What the rendering itself sets is not a template keyword.
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "base", "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"tools": []}},
+    )
+    openai_error(r, 422, "chat_template_kwargs", "'tools'")
+
+
+def test_a_conversation_ends_with_a_turn_to_answer_or_an_assistant_prefill_to_continue(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure,"}]
+    chat(client, messages=prefill)
+    assert engine.rendered[-1] == (prefill, {})
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "base", "messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]},
+    )
+    openai_error(r, 422, "messages", "its role is 'system'")
+
+
 def test_logprobs_are_the_sampler_logprobs_of_each_token(client: TestClient) -> None:
     # The fake's completion j has token ids [0, j, seed] with logprobs [-1, -2, -3]; its token texts
     # are "<id>", so the offsets are 0, 3 ("<0>"), 6 ("<0><0>").

@@ -6,11 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from learner.data import load_rows
 from learner.prompts import PromptEncoder, PromptSampler, SupervisedRow, UnsupervisedRow
+from learner.tiny_model import CHAT_TEMPLATE, write_tokenizer
 from shared.config import LearnerConfig
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
+from shared.schemas import ChatMessage
+
+SYSTEM_LAST = '{"prompt": [{"role": "user", "content": "1+1="}, {"role": "system", "content": "Be brief."}]}\n'
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -30,6 +35,8 @@ def write(tmp_path: Path, text: str) -> Path:
         ("unsupervised", '{"question": "a"}\n', 1, "text", "unsupervised mode reads ['text'] or ['prompt']"),
         ("unsupervised", '{"text": "a", "prompt": "b"}\n', 1, "prompt", "not both"),
         ("unsupervised", '{"prompt": [{"role": "user"}]}\n', 1, "prompt.messages.0.content", "required"),
+        # A conversation ends with a turn to answer (user, tool) or to continue (assistant), as TRL's.
+        ("unsupervised", SYSTEM_LAST, 1, "prompt.messages", "message 1 is the last, and its role is 'system'"),
         ("supervised", "\n\n", 0, "-", "no rows"),
     ],
 )
@@ -62,13 +69,6 @@ def test_sampler_visits_every_row_once_per_epoch_and_is_seeded() -> None:
     assert first == PromptSampler(rows, batch_size=5, seed=3).next_batch()
 
 
-class CharTokenizer:
-    eos_token_id, pad_token_id, bos_token_id = 0, None, None
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [ord(c) for c in text]
-
-
 def test_a_sampler_resumed_over_another_number_of_rows_starts_a_new_epoch() -> None:
     # A resume let through with other data (--allow-config-change): the saved epoch's order holds
     # indices of the old rows, 4 of 6 left, at least one of them past the 3 rows now there.
@@ -82,6 +82,13 @@ def test_a_sampler_resumed_over_another_number_of_rows_starts_a_new_epoch() -> N
     same = PromptSampler(rows, batch_size=4, seed=0)
     same.load_state_dict(sampler.state_dict())
     assert same.next_batch() == [rows[i] for i in reversed(sampler.state_dict()["order"])]  # the epoch goes on
+
+
+class CharTokenizer:
+    eos_token_id, pad_token_id, bos_token_id = 0, None, None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
 
 
 def test_encoder_truncation_eos_and_request() -> None:
@@ -131,3 +138,88 @@ def test_the_ranks_shards_draw_the_seeds_of_the_one_process_step(ranks: int) -> 
 def test_no_sampling_seed_sends_none() -> None:
     enc = PromptEncoder(CharTokenizer(), LearnerConfig())
     assert enc.rollout_request([[1]], None, step=1).seed is None
+
+
+# --- conversations through the chat template ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny model's tokenizer, whose template renders a Qwen3-style empty think block after the
+    generation prompt when `enable_thinking` is false (Qwen3's template keyword)."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = CHAT_TEMPLATE + (
+        "{% if add_generation_prompt and enable_thinking is defined and not enable_thinking %}"
+        "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    )
+    return tokenizer
+
+
+def rendered(tokenizer, messages: list[tuple[str, str]], **cfg) -> str:
+    """The prompt text the learner samples after: its token ids, decoded."""
+    row = UnsupervisedRow(prompt=[ChatMessage(role=role, content=content) for role, content in messages])
+    encoder = PromptEncoder(tokenizer, LearnerConfig(max_prompt_tokens=512, **cfg))
+    return tokenizer.decode(encoder.prompt(row))
+
+
+@pytest.mark.parametrize(
+    ("messages", "want"),
+    [
+        # The user asked: the template opens the assistant's turn (the generation prompt).
+        ([("user", "12+7=")], "<|im_start|>user\n12+7=<|im_end|>\n<|im_start|>assistant\n"),
+        # A tool answered: the assistant speaks next, as after a user (TRL: "user" or "tool").
+        (
+            [("user", "12+7="), ("tool", "19")],
+            "<|im_start|>user\n12+7=<|im_end|>\n<|im_start|>tool\n19<|im_end|>\n<|im_start|>assistant\n",
+        ),
+        # A prefill: the assistant's turn stays open and the completion continues it, with no
+        # <|im_end|> closing it and no second assistant header (continue_final_message).
+        (
+            [("user", "12+7="), ("assistant", "The sum is")],
+            "<|im_start|>user\n12+7=<|im_end|>\n<|im_start|>assistant\nThe sum is",
+        ),
+        ([("user", "12+7="), ("assistant", "")], "<|im_start|>user\n12+7=<|im_end|>\n<|im_start|>assistant\n"),
+    ],
+)
+def test_a_conversation_is_answered_or_its_assistant_prefill_continued(chat_tokenizer, messages, want: str) -> None:
+    assert rendered(chat_tokenizer, messages) == want
+
+
+def test_chat_template_kwargs_reach_the_template(chat_tokenizer) -> None:
+    user = [("user", "12+7=")]
+    opened = "<|im_start|>user\n12+7=<|im_end|>\n<|im_start|>assistant\n"
+    assert rendered(chat_tokenizer, user) == opened  # the keyword unset: no think block
+    assert rendered(chat_tokenizer, user, chat_template_kwargs={"enable_thinking": False}) == (
+        opened + "<think>\n\n</think>\n\n"
+    )
+    assert rendered(chat_tokenizer, user, chat_template_kwargs={"enable_thinking": True}) == opened
+
+
+def test_a_conversation_ending_with_another_role_is_refused_before_any_model_loads(tmp_path: Path, capsys) -> None:
+    from learner.cli import main
+
+    data = write(tmp_path, '{"prompt": [{"role": "user", "content": "hi"}]}\n' + SYSTEM_LAST)
+    with pytest.raises(SystemExit) as e:  # --model points nowhere: reaching the model would fail differently
+        main(["--data", str(data), "--model", str(tmp_path / "none"), "--output-dir", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2: field 'prompt.messages'" in err and "its role is 'system'" in err
+
+
+@pytest.mark.parametrize("key", ["add_generation_prompt", "continue_final_message", "tokenize", "chat_template"])
+def test_chat_template_kwargs_that_the_rendering_sets_are_refused(key: str) -> None:
+    with pytest.raises(
+        ValueError, match=f"chat_template_kwargs\n.*{key!r} is set by the rendering, not a chat-template"
+    ):
+        LearnerConfig(chat_template_kwargs={key: True})
+
+
+def test_the_chat_template_kwargs_flag_takes_json() -> None:
+    from learner.cli import parse_config
+
+    cfg = parse_config(["--chat-template-kwargs", '{"enable_thinking": false}'])
+    assert cfg.chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(ConfigError, match="chat_template_kwargs"):
+        parse_config(["--chat-template-kwargs", '{"tokenize": true}'])

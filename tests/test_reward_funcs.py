@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer, TrainerState
 
 from learner import reward_funcs, scoring
 from learner.advantages import group_normalize
@@ -19,6 +22,7 @@ from learner.model import load_policy
 from learner.prompts import SupervisedRow, UnsupervisedRow
 from learner.rewards import weighted_reward_sum
 from learner.server_link import ServerLink
+from learner.tiny_model import write_tokenizer
 from shared.config import LearnerConfig
 from shared.errors import ConfigError, RewardFunctionError
 from shared.schemas import ChatMessage, Completion, PromptRollout, RolloutRequest, RolloutResponse, SampleScores
@@ -28,31 +32,61 @@ PROBES = "tests/reward_fns/probes.py"
 EOS = 0  # the character decoder's end of sequence
 
 
-def decode(ids: list[int]) -> str:
-    """A character tokenizer: token id = code point."""
-    return "".join(map(chr, ids))
+class CharTokenizer:
+    """A character tokenizer: token id = code point; EOS is 0 and no token is special."""
+
+    eos_token_id = EOS
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(map(ord, text))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(map(chr, ids))
 
 
-def completions_of(texts_P_G: list[list[str]]) -> list[list[Completion]]:
-    """Sampled completions of these texts, each stopped by EOS."""
-    return [
+def python_rewards(
+    cfg: LearnerConfig,
+    rows_P: list,
+    texts_P_G: list[list[str]],
+    step: int = 1,
+    *,
+    fns: list[Callable] | None = None,
+    tokenizer=CharTokenizer(),
+    global_step: int | None = None,
+):
+    """rewards_P_G and components_P_G of Python functions only (cfg's, or `fns` as they are): no
+    built-in, so no policy. Each completion is the text's tokens and `tokenizer`'s EOS; a training
+    step's state by default (global_step = step - 1 done)."""
+    text_ids_P_G = [[tokenizer.encode(t, add_special_tokens=False) for t in g] for g in texts_P_G]
+    completions = [
         [
-            Completion(text=t, token_ids=[*map(ord, t), EOS], logprobs=[-1.0] * (len(t) + 1), finish_reason="stop")
-            for t in g
+            Completion(
+                text=t, token_ids=[*ids, tokenizer.eos_token_id], logprobs=[-1.0] * (len(ids) + 1), finish_reason="stop"
+            )
+            for t, ids in zip(g, ids_G, strict=True)
         ]
-        for g in texts_P_G
+        for g, ids_G in zip(texts_P_G, text_ids_P_G, strict=True)
     ]
-
-
-def python_rewards(cfg: LearnerConfig, rows_P: list, texts_P_G: list[list[str]], step: int = 1):
-    """rewards_P_G and components_P_G of Python functions only: no built-in, so no policy."""
-    completions = completions_of(texts_P_G)
-    text_ids_P_G = [[list(map(ord, t)) for t in g] for g in texts_P_G]
     prompt_ids_P = [[1] for _ in rows_P]
-    funcs = reward_funcs.load(cfg)
+    funcs = (
+        reward_funcs.load(cfg)
+        if fns is None
+        else [reward_funcs.RewardFunc(f.__name__, f.__name__, 1.0, builtin=None, fn=f) for f in fns]
+    )
     assert all(f.builtin is None for f in funcs)
     return reward_funcs.score(
-        funcs, None, prompt_ids_P, completions, text_ids_P_G, None, rows_P, decode, cfg, pad_id=0, step=step
+        funcs,
+        None,
+        prompt_ids_P,
+        completions,
+        text_ids_P_G,
+        None,
+        rows_P,
+        tokenizer.decode,
+        cfg,
+        pad_id=0,
+        step=step,
+        global_step=step - 1 if global_step is None else global_step,
     )
 
 
@@ -173,6 +207,8 @@ def test_a_trl_reward_function_gets_trls_arguments_and_runs_unchanged() -> None:
     assert seen["completion_ids"][0] == [ord("5"), EOS]  # as sampled: end-of-sequence included
     assert seen["answer"] == ["5"] * 3 + ["2"] * 3  # a supervised row's answer is a column
     assert seen["level"] == [1] * 3 + [None] * 3  # a column a row lacks is None there
+    # TRL 1.16's keywords exactly (but log_extra and log_metric): its three, the state, the columns.
+    assert set(seen) == {"prompts", "completions", "completion_ids", "trainer_state", "answer", "level"}
 
 
 def test_a_renamed_answer_column_also_reaches_functions_under_its_own_name() -> None:
@@ -250,6 +286,131 @@ def test_scores_are_posted_with_none_where_a_function_or_every_function_did_not_
     assert rollout_id == "r1" and scores.step == 3
     assert scores.rewards == [[3.0, 3.0, None]] and scores.advantages == [[0.0, 0.0, 0.0]]
     assert scores.components == {"exact_match": [[1.0, None, None]], "length": [[2.0, 3.0, None]]}
+
+
+# --- TRL's return styles and keywords, by functions of TRL's signature written here ---------------
+
+
+def numpy_lengths(completions, **kwargs):
+    """A numpy array (np.array over a list comprehension): TRL takes it."""
+    return np.array([float(len(c)) for c in completions])
+
+
+def tensor_lengths(completions, **kwargs):
+    """One 1-d tensor."""
+    return torch.tensor([float(len(c)) for c in completions])
+
+
+def zero_d_tensor_lengths_or_none(completions, **kwargs):
+    """A list of 0-d tensors (a judge model's scores, one .sum() each), None for an empty completion."""
+    return [torch.tensor(len(c), dtype=torch.float64) if c else None for c in completions]
+
+
+def numpy_scalar_lengths_or_nan(completions, **kwargs):
+    """numpy scalars (float32, int64 and bool), NaN for an empty completion (TRL: does not apply)."""
+    return [np.float32(len(c)) if len(c) > 2 else np.int64(len(c)) if c else np.float32("nan") for c in completions]
+
+
+def numpy_bools(completions, **kwargs):
+    """numpy booleans (an elementwise ==), 1.0 for True."""
+    return list(np.array([len(c) for c in completions]) == 2)
+
+
+@pytest.mark.parametrize(
+    ("fn", "want"),
+    [
+        (numpy_lengths, [3.0, 2.0, 0.0]),  # float64 array, one reward per completion
+        (tensor_lengths, [3.0, 2.0, 0.0]),  # float32 tensor
+        (zero_d_tensor_lengths_or_none, [3.0, 2.0, math.nan]),  # None: does not apply (NaN)
+        (numpy_scalar_lengths_or_nan, [3.0, 2.0, math.nan]),  # np.int64 2 for "de"; NaN kept as NaN
+        (numpy_bools, [0.0, 1.0, 0.0]),  # np.bool_: only "de" has length 2
+    ],
+)
+def test_rewards_in_every_return_style_trl_takes_are_taken(fn: Callable, want: list[float]) -> None:
+    _, components_P_G = python_rewards(LearnerConfig(), [UnsupervisedRow(text="hi")], [["abc", "de", ""]], fns=[fn])
+    torch.testing.assert_close(components_P_G[fn.__name__], torch.tensor([want]), rtol=0, atol=0, equal_nan=True)
+
+
+def nested(completions, **kwargs):
+    return [torch.tensor([1.0]) for _ in completions]  # a 1-element 1-d tensor per completion: shape [N, 1]
+
+
+def matrix(completions, **kwargs):
+    return np.ones((len(completions), 1))
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (nested, r"returned tensor\(\[1.\]\) \(Tensor\) for completion 0: not a number or None"),
+        (matrix, r"returned an array of shape \(2, 1\), not one reward per completion"),
+    ],
+)
+def test_arrays_that_are_not_one_number_per_completion_are_refused(fn: Callable, message: str) -> None:
+    with pytest.raises(RewardFunctionError, match=message):
+        python_rewards(LearnerConfig(), [UnsupervisedRow(text="hi")], [["a", "b"]], fns=[fn])
+
+
+def test_completions_are_decoded_without_special_tokens_as_trls(tmp_path: Path) -> None:
+    write_tokenizer(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+
+    def seen(completions, completion_ids, **kwargs):
+        seen.args = (completions, completion_ids)
+        return [0.0] * len(completions)
+
+    text = "<|im_start|>12<|im_end|>\n<|im_start|>13"  # the tiny model's chat tokens are special
+    python_rewards(LearnerConfig(), [UnsupervisedRow(text="hi")], [[text]], fns=[seen], tokenizer=tokenizer)
+    completions, completion_ids = seen.args
+    assert completions == ["12\n13"]  # TRL: batch_decode(completion_ids, skip_special_tokens=True)
+    # The ids keep them all, and the end of sequence (as TRL's completion_ids).
+    assert completion_ids == [[*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]]
+
+
+def test_functions_get_trls_trainer_state_for_a_schedule() -> None:
+    """TRL passes its transformers TrainerState: global_step is the updates done so far."""
+
+    def progress(completions, trainer_state, **kwargs):  # a curriculum over the run, TRL-style
+        assert isinstance(trainer_state, TrainerState)
+        return [trainer_state.global_step / trainer_state.max_steps] * len(completions)
+
+    cfg = LearnerConfig(steps=10)
+    _, components_P_G = python_rewards(cfg, [UnsupervisedRow(text="hi")], [["a", "b"]], step=3, fns=[progress])
+    torch.testing.assert_close(components_P_G["progress"], torch.tensor([[0.2, 0.2]]))  # 2 of 10 done at step 3
+    # An evaluation after step 4 (Evaluation passes global_step = step): 4 of 10 done.
+    _, components_P_G = python_rewards(
+        cfg, [UnsupervisedRow(text="hi")], [["a"]], step=4, fns=[progress], global_step=4
+    )
+    torch.testing.assert_close(components_P_G["progress"], torch.tensor([[0.4]]))
+    # A required argument of that name is no column the data must have.
+    func = reward_funcs.RewardFunc("progress", "progress", 1.0, builtin=None, fn=progress)
+    reward_funcs.check_columns([func], [UnsupervisedRow(text="hi")], cfg)
+
+
+def test_trls_own_reward_functions_run_unchanged() -> None:
+    """TRL's reward functions, imported from trl (the dev group installs trl[math-verify] 1.16)."""
+    pytest.importorskip("trl.rewards", reason="trl is in the dev group: uv sync installs it")
+    pytest.importorskip("math_verify", reason="trl[math-verify] is in the dev group: uv sync installs it")
+    cfg = LearnerConfig(reward_funcs=["trl.rewards:think_format_reward", "trl.rewards:accuracy_reward"])
+    chat = [ChatMessage(role="user", content="What is 1/3 of 1?")]
+    rows = [
+        UnsupervisedRow(prompt=chat, extra={"solution": r"\frac{1}{3}"}),
+        UnsupervisedRow(prompt=chat, extra={"solution": "no number here"}),  # gold unparsable: None
+    ]
+    texts_P_G = [
+        [r"<think>a third</think>\boxed{\frac{1}{3}}", r"\boxed{\frac{1}{2}}"],
+        [r"<think>x</think>\boxed{1}", "<think>x"],
+    ]
+    reward_funcs.check_columns(reward_funcs.load(cfg), rows, cfg)  # accuracy_reward's `solution` is a column
+    rewards_P_G, components_P_G = python_rewards(cfg, rows, texts_P_G)
+    # think_format_reward: 1 when the completion opens with one closed <think> block.
+    torch.testing.assert_close(components_P_G["think_format_reward"], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    # accuracy_reward: 1/3 right, 1/2 wrong; None (NaN) where the gold solution does not parse.
+    nan = math.nan
+    torch.testing.assert_close(
+        components_P_G["accuracy_reward"], torch.tensor([[1.0, 0.0], [nan, nan]]), equal_nan=True
+    )
+    torch.testing.assert_close(rewards_P_G, torch.tensor([[2.0, 0.0], [1.0, 0.0]]))  # None adds nothing
 
 
 # --- with the policy: built-ins and Python functions together ----------------------------------------

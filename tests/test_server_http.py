@@ -81,12 +81,24 @@ def test_a_server_whose_warm_up_fails_does_not_start(cfg: ServerConfig) -> None:
         ({"n": 0}, "greater than or equal to 1"),  # schema bound
         ({"version": 3}, "no 'adapter' is given"),  # a version of the base: only 0
         ({"adapter": "policy", "version": 0}, "versions start at 1"),  # 0 is the base's
+        # A conversation ends with a turn to answer (user, tool) or to continue (an assistant prefill).
+        ({"prompts": [[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]]}, "role is 'system'"),
+        ({"chat_template_kwargs": {"x": 1}}, "no prompt is a conversation"),  # nothing to render
+        ({"prompts": [[{"role": "user", "content": "a"}]], "chat_template_kwargs": {"tokenize": True}}, "'tokenize'"),
     ],
 )
 def test_out_of_bounds_requests_get_a_clear_422(client: TestClient, body: dict, needle: str) -> None:
     r = client.post("/v1/rollouts", json={"prompts": ["hi"], "max_tokens": 3, **body})
     assert r.status_code == 422
     assert needle in r.text
+
+
+def test_conversations_are_rendered_with_the_requests_chat_template_kwargs(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    conversation = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]  # a prefill
+    rollout(client, prompts=["hi", conversation], chat_template_kwargs={"enable_thinking": False})
+    assert engine.rendered[-2:] == [("hi", {"enable_thinking": False}), (conversation, {"enable_thinking": False})]
 
 
 def test_length_bound_is_the_engines_when_the_config_leaves_it_to_the_model(cfg: ServerConfig) -> None:
