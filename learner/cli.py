@@ -273,10 +273,13 @@ def _model_dir(cfg: LearnerConfig) -> str:
 
 
 def _default_model() -> str:
-    from learner.tiny_model import build_tiny_model
+    from learner.tiny_model import build_tiny_model, is_built
 
     out = Path("runs/tiny-model")
-    log.info("no --model: building the bundled tiny model into %s (once)", out)
+    if is_built(out, seed=0, warmup="addition"):
+        log.info("no --model: the bundled tiny model, built earlier in %s", out)
+    else:
+        log.info("no --model: building the bundled tiny model into %s (once, about a minute)", out)
     return str(build_tiny_model(out, seed=0, warmup="addition"))
 
 

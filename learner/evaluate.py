@@ -102,7 +102,7 @@ class Evaluation:
         if greedy:
             params.update(n=1, temperature=0.0, top_p=1.0, top_k=-1)
         seed = None if greedy else EVAL_SEED + first_row * params["n"]
-        return RolloutRequest(prompt_token_ids=prompt_ids_P, adapter=adapter, seed=seed, **params)
+        return RolloutRequest(prompt_token_ids=prompt_ids_P, adapter=adapter, seed=seed, kind="evaluation", **params)
 
 
 def exact_match_P_G(rows_P: list[Row], text_ids_P_G: list[list[list[int]]], decode: Callable) -> Tensor:

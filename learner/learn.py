@@ -46,7 +46,7 @@ class Learned:
     """Each reward function's own rewards (before weighting), by name; NaN where one did not apply.
     Empty when the reward is a single built-in function at weight 1 (then it is `rewards_P_G`)."""
 
-    def sample_scores(self, step: int) -> SampleScores | None:
+    def sample_scores(self, step: int, answers: list[str | None] | None = None) -> SampleScores | None:
         """The scores as the server's sample log and the samples files keep them: NaN (did not
         apply, unscorable) as None, with each prompt's expected answer (supervised rows). None when
         a reward is infinite or an advantage is not finite (a reward function or the model blew
@@ -58,6 +58,7 @@ class Learned:
             rewards=_none_for_nan(self.rewards_P_G),
             advantages=self.advantages_P_G.tolist(),
             step=step,
+            answers=answers,
             components={name: _none_for_nan(values_P_G) for name, values_P_G in self.components_P_G.items()},
         )
 

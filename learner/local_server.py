@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import signal
@@ -22,6 +23,10 @@ from shared.cli import flag_name
 from shared.config import VLLM_LORA_RANKS
 from shared.errors import ServerStartError
 from shared.lifeline import die_with_parent
+
+log = logging.getLogger(__name__)
+WAIT_NOTE_S = 15.0
+"""How often a start-up that takes long says it still waits, and what the server's log last said."""
 
 
 def free_port() -> int:
@@ -88,9 +93,24 @@ def spawn_rollout_server(
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, log_start: int, timeout_s: float) -> None:
-    """Return once `url`/health answers 200; ServerStartError if `proc` exits or time runs out."""
-    deadline = time.monotonic() + timeout_s
+    """Return once `url`/health answers 200; ServerStartError if `proc` exits or time runs out.
+    Every WAIT_NOTE_S it logs how long it has waited, and the server log's last line."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    next_note = started + WAIT_NOTE_S
     while time.monotonic() < deadline:
+        if time.monotonic() >= next_note:
+            next_note += WAIT_NOTE_S
+            last = _read_from(log_path, log_start).strip().splitlines()
+            log.info(
+                "waiting for the rollout server at %s: %.0f s so far, at most %.0f (--server-start-timeout-s); "
+                "its log (%s) last said: %s",
+                url,
+                time.monotonic() - started,
+                timeout_s,
+                log_path,
+                last[-1][:200] if last else "nothing yet",
+            )
         if proc.poll() is not None:
             cause = startup_failure_cause(_read_from(log_path, log_start))
             raise ServerStartError(

@@ -91,7 +91,8 @@ def run(
                 log.note(f"[step {step}] non-finite loss or gradient: update skipped, version {server.version} kept")
             else:
                 saved = _save_and_serve(policy, adapter_root, server, ranks)
-            server.post_scores(rollout.rollout_id, learned.sample_scores(step), step)  # this rank's rollout
+            answers = [getattr(row, "answer", None) for row in batch]
+            server.post_scores(rollout.rollout_id, learned.sample_scores(step, answers), step)  # this rank's rollout
             scored, updated, swapped = learned.score_s, t2 - t1 - learned.score_s, time.perf_counter() - t2
             times = {"generate": t1 - t0, "score": scored, "update": updated, "swap": swapped}
             lag = {"staleness": sampled.staleness, "stale_dropped": sampled.stale_dropped}

@@ -156,4 +156,4 @@ class PromptEncoder:
         # SamplingConfig's fields are RolloutRequest's sampling fields, by name; a `stop` still left
         # to the model (None, see model.with_model_sampling_defaults) sends the request's default.
         params = sampling.model_dump(exclude={"seed"}, exclude_none=True)
-        return RolloutRequest(prompt_token_ids=prompt_ids_P, adapter=adapter, seed=seed, **params)
+        return RolloutRequest(prompt_token_ids=prompt_ids_P, adapter=adapter, seed=seed, kind="training", **params)

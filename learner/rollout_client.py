@@ -69,7 +69,7 @@ class RolloutClient:
                         tar.add(adapter_dir / name, arcname=name, recursive=False)
             size = archive.tell()
             path = f"/v1/adapter_uploads/{sha256}"
-            headers = {"Content-Type": "application/x-tar", "Content-Length": str(size)}
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
             answer = self._call("PUT", path, content=_Rewound(archive), headers=headers)
         return AdapterUpload.model_validate(answer)
 

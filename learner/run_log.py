@@ -30,7 +30,7 @@ from learner.distributed import Distributed
 from learner.learn import Learned
 from learner.trackers import TextSample, open_trackers
 from shared.config import LearnerConfig
-from shared.schemas import Prompt, RolloutResponse, SampleRecord
+from shared.schemas import Completion, Prompt, RolloutResponse, SampleRecord
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,22 @@ class StepFigures:
         )
 
 
+FLAT_STEPS = 3
+"""Steps running in which every group's rewards are equal before RunLog warns (once)."""
+
+
+def finish(completion: Completion) -> str:
+    """How a completion ended, for people: 'stop "="' (a stop string, left out of its text), 'end of
+    sequence', 'max_tokens', ... (an empty text then says why)."""
+    if completion.finish_reason == "length":
+        return "max_tokens"
+    if completion.finish_reason == "stop":
+        if isinstance(completion.stop_reason, str):
+            return f"stop {json.dumps(completion.stop_reason)}"
+        return "end of sequence" if completion.stop_reason is None else f"stop token {completion.stop_reason}"
+    return completion.finish_reason or "unfinished"
+
+
 class RunLog:
     """Appends each step's row to `metrics.jsonl`, writes its rollout and scores to
     `samples/step_NNNNNN.jsonl`, drives the progress bar and feeds the trackers (`report_to`).
@@ -104,6 +120,9 @@ class RunLog:
         self._bar = tqdm(total=cfg.steps, initial=done, desc="grpo", unit="step", dynamic_ncols=True)
         self._sample_every = cfg.sample_every
         self._tracker_samples = cfg.tracker_samples
+        self._rewards = ", ".join(cfg.reward_funcs) if cfg.reward_funcs else f"the {cfg.mode} mode's reward"
+        self._flat_steps = 0  # consecutive steps in which every group's rewards were equal
+        self._run = cfg.output_dir.resolve().name  # as the servers' sample logs name it (ServerLink)
 
     def step(
         self,
@@ -152,9 +171,15 @@ class RunLog:
         }
         # the samples file first: a reader that sees step N's row finds its samples
         results = [r.model_copy(update={"prompt": p}) for r, p in zip(rollout.results, prompts, strict=True)]
-        record = SampleRecord(**{**rollout.model_dump(), "results": results}, scores=learned.sample_scores(step))
+        record = SampleRecord(
+            **{**rollout.model_dump(), "results": results},
+            run=self._run,
+            kind="training",
+            scores=learned.sample_scores(step),
+        )
         self._write_samples(step, record)
         self._write_row(metrics)
+        self._warn_if_flat(step, metrics["zero_variance_groups"], whole.rewards_P_G.shape[0])
         shown = [
             TextSample(texts_P[p], completions_P_G[p][0].text, rewards_P_G[p, 0].item())
             for p in range(min(self._tracker_samples, len(completions_P_G)))
@@ -174,8 +199,21 @@ class RunLog:
             }
         )
         if self._sample_every and step % self._sample_every == 0:
-            completion, reward = completions_P_G[0][0].text, rewards_P_G[0, 0].item()
-            self._bar.write(f"[step {step}] {texts_P[0]!r} -> {completion!r}  reward={reward:.4f}")
+            completion, reward = completions_P_G[0][0], rewards_P_G[0, 0].item()
+            ending = finish(completion)
+            self._bar.write(f"[step {step}] {texts_P[0]!r} -> {completion.text!r} ({ending})  reward={reward:.4f}")
+
+    def _warn_if_flat(self, step: int, flat_groups: int, groups: int) -> None:
+        """Warn once when every group had equal rewards FLAT_STEPS steps running: no advantage, so
+        nothing is learned (e.g. a format reward the model never meets)."""
+        self._flat_steps = self._flat_steps + 1 if flat_groups == groups else 0
+        if self._flat_steps == FLAT_STEPS:
+            self.note(
+                f"[step {step}] warning: for {FLAT_STEPS} steps every group's completions got equal rewards "
+                f"({self._rewards}): advantages are 0 and nothing is learned. The rewards do not tell this "
+                "model's completions apart: a reward the model never (or always) meets, too few completions "
+                "per prompt (sampling.n), or too low a temperature (zero_variance_groups in metrics.jsonl)"
+            )
 
     def eval(self, step: int, metrics: dict[str, float]) -> None:
         """Record an evaluation of the policy after step `step`: `metrics` (name -> value) as keys

@@ -119,6 +119,7 @@ class ServerLink:
         self._recovering = threading.Lock()  # one re-sync or wait for a lost replica at a time
         self._parts: dict[str, list[tuple[_Replica, str]]] = {}  # rollout id -> (replica, its rollout id)
         self._closed = False
+        self._run = cfg.output_dir.resolve().name  # the run, as the servers' sample logs show it
 
     @property
     def adapter(self) -> str | None:
@@ -146,6 +147,7 @@ class ServerLink:
         replaced before every prompt was sampled (possible only for a request pinned earlier)."""
         self._rejoin_recovered()
         self.wake()
+        request = request if request.run is not None else request.model_copy(update={"run": self._run})
         pinned = request.version if request.version is not None else (self.version if request.adapter else None)
         parts = [_one_prompt(request, i, pinned) for i in range(request.num_prompts)]
         with ThreadPoolExecutor(max_workers=len(parts)) as threads:
@@ -486,6 +488,7 @@ def _one_prompt_scores(scores: SampleScores, i: int) -> SampleScores:
             "rewards": [scores.rewards[i]],
             "advantages": [scores.advantages[i]],
             "components": {name: [values[i]] for name, values in scores.components.items()},
+            "answers": None if scores.answers is None else [scores.answers[i]],
         }
     )
 
@@ -510,6 +513,8 @@ def logprob_canary(
         temperature=cfg.sampling.temperature,
         seed=0,
         adapter=adapter,
+        run=cfg.output_dir.resolve().name,
+        kind="canary",
     )
     completion = client.generate(request, expected_version=version).results[0].completions[0]
     if not completion.token_ids:

@@ -185,6 +185,7 @@ async def _rollout(
             seed=body.seed,
             stop=stop,
             adapter=adapter,
+            kind="openai",
         )
     except ValidationError as e:
         # A rollout's rules across fields (greedy decoding takes n=1, ...) hold here too: a 422 as

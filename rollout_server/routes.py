@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rollout_server.http_errors import UNPARSED_BODY, error_responses
-from rollout_server.samples_page import SAMPLES_PAGE, SAMPLES_PAGE_HEADERS
+from rollout_server.samples_page import INITIAL_LIMIT, SAMPLES_PAGE_HEADERS, render_page
 from rollout_server.service import RolloutService
 from rollout_server.uploads import SHA256_PATTERN
 from shared.errors import (
@@ -38,6 +38,8 @@ from shared.schemas import (
     LoadLoraAdapterRequest,
     ModelCard,
     ModelsResponse,
+    RewardCurvesResponse,
+    RolloutKind,
     RolloutRequest,
     RolloutResponse,
     SampleRecord,
@@ -144,7 +146,7 @@ UPLOADS_PREFIX = "/v1/adapter_uploads/"
         "requestBody": {
             "required": True,
             "description": "an uncompressed tar of the adapter's files (flat, as peft saves them)",
-            "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         }
     },
     responses=error_responses(RequestValidationError, AdapterLoadError),
@@ -214,9 +216,17 @@ async def samples(
     service: ServiceDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 10,
     adapter: str | None = None,
+    run: Annotated[str | None, Query(description="only the rollouts of this learner run")] = None,
+    kind: Annotated[RolloutKind | None, Query(description="only rollouts of this kind")] = None,
     tokens: Annotated[bool, Query(description="false: without token ids and logprobs (texts only)")] = True,
 ) -> SamplesResponse:
-    return SamplesResponse(samples=service.samples.recent(limit, adapter, tokens=tokens))
+    return SamplesResponse(samples=service.samples.recent(limit, adapter, run=run, kind=kind, tokens=tokens))
+
+
+@router.get("/v1/samples/curves", responses=error_responses())
+async def reward_curves(service: ServiceDep) -> RewardCurvesResponse:
+    """Each run's mean reward per step, from every score posted (also of rollouts the log dropped)."""
+    return RewardCurvesResponse(curves=service.samples.curves())
 
 
 @router.post(
@@ -248,8 +258,14 @@ async def metrics(service: ServiceDep) -> Response:
         **error_responses(),
     },
 )
-async def samples_page() -> HTMLResponse:
-    """The samples page: recent rollouts, their completions and scores, refreshed every 3 s. With an
-    API key, open it as /ui?key=<key> (a browser sends no Authorization header when it navigates);
-    the page sends the key on as the Bearer header."""
-    return HTMLResponse(SAMPLES_PAGE, headers=SAMPLES_PAGE_HEADERS)
+async def samples_page(service: ServiceDep) -> HTMLResponse:
+    """The samples page: recent rollouts with their prompts, completions and scores, each run's
+    reward curve and two versions side by side, refreshed every 3 s. With an API key, open it as
+    /ui?key=<key> (a browser sends no Authorization header when it navigates); the page sends the
+    key on as the Bearer header."""
+    samples = service.samples.recent(INITIAL_LIMIT, tokens=False)
+    initial = {
+        "samples": [s.model_dump(mode="json") for s in samples],
+        "curves": [c.model_dump(mode="json") for c in service.samples.curves()],
+    }
+    return HTMLResponse(render_page(initial), headers=SAMPLES_PAGE_HEADERS)

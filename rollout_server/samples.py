@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from shared.config import ServerConfig
 from shared.errors import InvalidRequestError, SampleNotFoundError
-from shared.schemas import PromptRollout, SampleRecord, SampleScores
+from shared.schemas import CurvePoint, PromptRollout, RewardCurve, SampleRecord, SampleScores
 
 log = logging.getLogger("rollout_server")
 
@@ -27,8 +27,14 @@ TRUNCATED_CHARS = 256
 """Characters of each completion text a truncated record keeps."""
 
 
+MAX_CURVES = 64
+"""Runs' reward curves kept (those scored last)."""
+
+
 class _Kept(NamedTuple):
     adapter: str | None
+    run: str | None
+    kind: str
     data: bytes  # the record's JSON; NaN and +-inf written as the bare constants, so they read back
 
 
@@ -42,6 +48,7 @@ class SampleStore:
         self._max_bytes = cfg.samples_max_bytes
         self._records: OrderedDict[str, _Kept] = OrderedDict()
         self._size = 0
+        self._curves = _Curves(cfg.samples_curve_points)
         self._file: _RotatingFile | None = None
         self._writer: ThreadPoolExecutor | None = None
         if cfg.samples_path is not None:
@@ -69,22 +76,35 @@ class SampleStore:
         shape = [len(r.completions) for r in record.results]
         if [len(row) for row in scores.rewards] != shape:
             raise InvalidRequestError(f"scores are shaped {[len(r) for r in scores.rewards]}, the rollout is {shape}")
+        self._curves.replace(record, record.scores, scores)
         record.scores = scores
         self._keep(rollout_id, record, _dumps(record))
         await self._append({"event": "scores", "rollout_id": rollout_id}, _dumps(scores))
         return record
 
-    def recent(self, limit: int, adapter: str | None = None, *, tokens: bool = True) -> list[SampleRecord]:
-        """Newest first, at most `limit`, optionally only those of one adapter; without their token
-        ids and logprobs unless `tokens`."""
+    def recent(
+        self,
+        limit: int,
+        adapter: str | None = None,
+        *,
+        run: str | None = None,
+        kind: str | None = None,
+        tokens: bool = True,
+    ) -> list[SampleRecord]:
+        """Newest first, at most `limit`, optionally only those of one adapter, run or kind; without
+        their token ids and logprobs unless `tokens`."""
         out = []
         for kept in reversed(self._records.values()):
-            if adapter is None or kept.adapter == adapter:
+            if _matches(kept, adapter, run, kind):
                 record = SampleRecord.model_validate_json(kept.data)
                 out.append(record if tokens else _without_tokens(record))
                 if len(out) == limit:
                     break
         return out
+
+    def curves(self) -> list[RewardCurve]:
+        """Every kept run's mean reward per step, by run and kind (`_Curves`)."""
+        return self._curves.all()
 
     async def close(self) -> None:
         """Wait until every queued line is written; no line may be added after."""
@@ -96,7 +116,9 @@ class SampleStore:
             data = _dumps(_truncated(record))
         previous = self._records.get(rollout_id)
         self._size += len(data) - (len(previous.data) if previous else 0)
-        self._records[rollout_id] = _Kept(record.adapter, data)  # a replaced record keeps its place
+        self._records[rollout_id] = _Kept(
+            record.adapter, record.run, record.kind, data
+        )  # a replaced one keeps its place
         while len(self._records) > 1 and (len(self._records) > self._capacity or self._size > self._max_bytes):
             _, evicted = self._records.popitem(last=False)
             self._size -= len(evicted.data)
@@ -107,6 +129,66 @@ class SampleStore:
         write = asyncio.get_running_loop().run_in_executor(self._writer, self._file.write, head, data)
         # Shielded: a request cancelled meanwhile (its client left) still gets its line written.
         await asyncio.shield(write)
+
+
+def _matches(kept: _Kept, adapter: str | None, run: str | None, kind: str | None) -> bool:
+    return (
+        (adapter is None or kept.adapter == adapter)
+        and (run is None or kept.run == run)
+        and (kind is None or kept.kind == kind)
+    )
+
+
+def cut_text(text: str, max_chars: int) -> str:
+    """`text`, or its first quarter and last three quarters of `max_chars` joined by '…'."""
+    if len(text) <= max_chars:
+        return text
+    head = max_chars // 4
+    return text[:head] + "…" + text[len(text) - (max_chars - head - 1) :]
+
+
+class _Curves:
+    """Mean reward per step of each (run, kind, adapter), from every score posted, whether or not
+    its rollout is still in the log: the newest `max_points` steps of the MAX_CURVES curves scored
+    last. A rollout scored again replaces its first scores."""
+
+    def __init__(self, max_points: int) -> None:
+        self._max_points = max_points
+        # (run, kind, adapter) -> step -> [sum of rewards, completions with a reward, version]
+        self._curves: OrderedDict[tuple[str | None, str, str | None], dict[int, list]] = OrderedDict()
+
+    def replace(self, record: SampleRecord, old: SampleScores | None, new: SampleScores) -> None:
+        key = (record.run, record.kind, record.adapter)
+        curve = self._curves.setdefault(key, {})
+        self._curves.move_to_end(key)
+        for scores, sign in ((old, -1), (new, 1)):
+            if scores is None or scores.step is None:
+                continue
+            rewards = [r for row in scores.rewards for r in row if r is not None]
+            point = curve.setdefault(scores.step, [0.0, 0, record.policy_version])
+            point[0] += sign * math.fsum(rewards)
+            point[1] += sign * len(rewards)
+            if point[1] == 0:
+                del curve[scores.step]
+        while len(curve) > self._max_points:
+            del curve[min(curve)]
+        while len(self._curves) > MAX_CURVES:
+            self._curves.popitem(last=False)
+
+    def all(self) -> list[RewardCurve]:
+        return [
+            RewardCurve(
+                run=run,
+                kind=kind,
+                adapter=adapter,
+                points=[
+                    CurvePoint(step=step, reward_mean=total / n, completions=n, policy_version=version)
+                    for step, (total, n, version) in sorted(curve.items())
+                    if n > 0
+                ],
+            )
+            for (run, kind, adapter), curve in self._curves.items()
+        ]
 
 
 class _RotatingFile:

@@ -1,15 +1,20 @@
-"""The samples page (`GET /ui`): recent rollouts with their completions and scores, for a person
-watching a run. One self-contained HTML response (no CDN, no external asset) whose script polls
-`GET /v1/samples` and draws the page.
+"""The samples page (`GET /ui`): recent rollouts with their prompts, completions and scores, each
+run's reward curve, and two versions' completions of the same prompts side by side, for a person
+watching a run. One self-contained HTML response (no CDN, no external asset).
 
-The page carries no data: the script fetches it, with the API key taken from the page's own URL
-(`/ui?key=...`, the one way a browser can give it when it navigates) sent on as the Bearer header.
-Model text is untrusted, so the script builds every node with `textContent` and never parses data
-as HTML; the Content-Security-Policy lets the page load nothing but its own inline code and fetch
-only from this server.
+The page carries the first window of data (`render_page`: the newest rollouts and every run's
+curve, as JSON in a non-executed script element with `<`, `>` and `&` escaped), drawn at once; its
+script then polls `GET /v1/samples` and `GET /v1/samples/curves`, with the API key taken from the
+page's own URL (`/ui?key=...`, the one way a browser can give it when it navigates) sent on as the
+Bearer header. Model text is untrusted, so the script builds every node with `textContent` and
+never parses data as HTML; the Content-Security-Policy lets the page load nothing but its own
+inline code and fetch only from this server.
 """
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 SAMPLES_PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -41,20 +46,28 @@ SAMPLES_PAGE = """<!doctype html>
   .meta { display: flex; gap: 12px; flex-wrap: wrap; color: #5b6475; font-size: 12px; margin-bottom: 6px; }
   .meta b { color: #1d2330; }
   .prompt { background: #eef1f6; border-radius: 4px; padding: 6px 8px; margin: 8px 0 4px; }
+  .answer { background: #eaf5ec; border-radius: 4px; padding: 4px 8px; margin: 0 0 4px; }
   .label { font-size: 11px; text-transform: uppercase; color: #5b6475; margin-right: 6px; }
   .text { white-space: pre-wrap; word-break: break-word; font: 13px/1.35 ui-monospace, monospace; }
+  .none { color: #8a93a3; font-style: italic; }
   table { border-collapse: collapse; width: 100%; }
   th, td { border-top: 1px solid #e6e9ee; padding: 4px 6px; text-align: left; vertical-align: top; }
   th { font-size: 11px; color: #5b6475; font-weight: 600; }
   td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
   td.pos { color: #1a7f37; } td.neg { color: #b3261e; }
+  td.side { width: 50%; }
   .empty { color: #5b6475; }
+  .legend { display: flex; gap: 12px; flex-wrap: wrap; font-size: 12px; }
+  .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 4px; }
   svg text { font: 11px system-ui, sans-serif; fill: #5b6475; }
 </style>
 </head>
 <body>
 <header>
   <h1>Rollout samples</h1>
+  <label>run <select id="run"><option value="">all</option></select></label>
+  <label>kind <select id="kind"><option value="">all</option><option>training</option>
+    <option>evaluation</option><option>canary</option><option>openai</option><option>api</option></select></label>
   <label>adapter <select id="adapter"><option value="">all</option></select></label>
   <label>version <select id="version"><option value="">all</option></select></label>
   <label>rollouts <select id="limit">
@@ -64,19 +77,30 @@ SAMPLES_PAGE = """<!doctype html>
 </header>
 <main>
   <section>
-    <h2>Mean reward per step (posted scores of the rollouts below)</h2>
+    <h2>Mean reward per step, per run (every score posted to this server)</h2>
     <svg id="plot" width="640" height="180" viewBox="0 0 640 180" role="img" aria-label="mean reward per step"></svg>
+    <div id="legend" class="legend"></div>
+  </section>
+  <section>
+    <h2>Two versions, the same prompts
+      <select id="versionA" aria-label="first version"></select> vs
+      <select id="versionB" aria-label="second version"></select></h2>
+    <div id="compare"></div>
   </section>
   <div id="samples"></div>
 </main>
+<script type="application/json" id="initial">/*INITIAL*/</script>
 <script>
 "use strict";
 // Everything from the server is shown with textContent: model text is untrusted.
 const KEY = new URLSearchParams(location.search).get("key");
 const POLL_MS = 3000;
 const BASE = "(base)";  // no adapter name can be this: names match [A-Za-z0-9._-]+
+const NO_RUN = "(no run)";  // a run name the filter cannot send: the records and curves of no run
+const COLORS = ["#2f6fde", "#d9480f", "#2b8a3e", "#9c36b5", "#e67700", "#0b7285", "#c2255c", "#5c940d"];
 const SVG = document.getElementById("plot").namespaceURI;  // SVG's: the page names no URL
 let records = [];
+let curves = [];
 let drawn = null;  // what the page shows now, to redraw only on a change
 
 function node(tag, className, text) {
@@ -99,34 +123,38 @@ function setStatus(text, isError) {
   s.className = isError ? "error" : "";
 }
 
+function value(id) { return document.getElementById(id).value; }
 function adapterOf(r) { return r.adapter === null ? BASE : r.adapter; }
-
+function runOf(r) { return r.run === null || r.run === undefined ? NO_RUN : r.run; }
 function num(x) { return typeof x === "number" ? x.toFixed(3) : "n/a"; }
 
+async function get(path) {
+  const answer = await fetch(path, { headers: KEY ? { Authorization: "Bearer " + KEY } : {}, cache: "no-store" });
+  if (!answer.ok) {
+    const why = answer.status === 401 ? "wrong or missing API key: open this page as /ui?key=..." : await answer.text();
+    throw new Error("GET " + path.split("?")[0] + " answered " + answer.status + ": " + why);
+  }
+  return answer.json();
+}
+
 async function poll() {
-  const limit = document.getElementById("limit").value;
+  const query = new URLSearchParams({ tokens: "false", limit: value("limit") });
+  if (value("run") !== "" && value("run") !== NO_RUN) query.set("run", value("run"));
+  if (value("kind") !== "") query.set("kind", value("kind"));
   try {
-    const answer = await fetch("/v1/samples?tokens=false&limit=" + encodeURIComponent(limit), {
-      headers: KEY ? { Authorization: "Bearer " + KEY } : {},
-      cache: "no-store",
-    });
-    if (!answer.ok) {
-      const why = answer.status === 401 ? "wrong or missing API key: open this page as /ui?key=..."
-                                         : await answer.text();
-      setStatus("GET /v1/samples answered " + answer.status + ": " + why, true);
-      return;
-    }
-    records = (await answer.json()).samples;
+    const [samples, curveList] = await Promise.all([get("/v1/samples?" + query), get("/v1/samples/curves")]);
+    records = samples.samples;
+    curves = curveList.curves;
     setStatus(records.length + " rollouts, updated " + new Date().toLocaleTimeString(), false);
     render();
   } catch (e) {
-    setStatus("cannot reach the server: " + e, true);
+    setStatus(e instanceof TypeError ? "cannot reach the server: " + e : String(e.message), true);
   }
 }
 
-function setOptions(select, values, label) {
+function setOptions(select, values, label, all) {
   const keep = select.value;
-  const want = ["", ...values];
+  const want = all ? ["", ...values] : values;
   const have = Array.from(select.options, (o) => o.value);
   if (JSON.stringify(want) !== JSON.stringify(have)) {
     select.replaceChildren(...want.map((v) => {
@@ -135,24 +163,33 @@ function setOptions(select, values, label) {
       return o;
     }));
   }
-  select.value = want.includes(keep) ? keep : "";
+  if (want.includes(keep)) select.value = keep;
+  return select.value;
 }
 
 function render() {
-  const adapterSelect = document.getElementById("adapter");
-  const versionSelect = document.getElementById("version");
-  const adapters = [...new Set(records.map(adapterOf))].sort();
-  setOptions(adapterSelect, adapters, (v) => v);
-  const adapter = adapterSelect.value;
-  const ofAdapter = records.filter((r) => adapter === "" || adapterOf(r) === adapter);
+  const runs = [...new Set([...curves.map(runOf), ...records.map(runOf)])].sort();
+  const run = setOptions(document.getElementById("run"), runs, (v) => v, true);
+  const kind = value("kind");
+  const ofRun = records.filter((r) => (run === "" || runOf(r) === run) && (kind === "" || r.kind === kind));
+  const adapter = setOptions(document.getElementById("adapter"), [...new Set(ofRun.map(adapterOf))].sort(),
+                             (v) => v, true);
+  const ofAdapter = ofRun.filter((r) => adapter === "" || adapterOf(r) === adapter);
   const versions = [...new Set(ofAdapter.map((r) => r.policy_version))].sort((a, b) => b - a).map(String);
-  setOptions(versionSelect, versions, (v) => "v" + v);
-  const version = versionSelect.value;
+  const version = setOptions(document.getElementById("version"), versions, (v) => "v" + v, true);
   const shown = ofAdapter.filter((r) => version === "" || String(r.policy_version) === version);
-  const signature = JSON.stringify(shown);
+  // First pick: the newest version against the oldest in the window.
+  const [aSelect, bSelect] = [document.getElementById("versionA"), document.getElementById("versionB")];
+  const keepB = bSelect.value;
+  setOptions(aSelect, versions, (v) => "v" + v, false);
+  setOptions(bSelect, versions, (v) => "v" + v, false);
+  if (!versions.includes(keepB) && versions.length > 1) bSelect.value = versions[versions.length - 1];
+  const shownCurves = curves.filter((c) => (run === "" || runOf(c) === run) && (kind === "" || c.kind === kind));
+  const signature = JSON.stringify([ofAdapter, version, shownCurves, aSelect.value, bSelect.value]);
   if (signature === drawn) return;
   drawn = signature;
-  drawPlot(shown);
+  drawPlot(shownCurves);
+  drawCompare(ofAdapter, aSelect.value, bSelect.value);
   const list = document.getElementById("samples");
   if (shown.length === 0) {
     list.replaceChildren(node("p", "empty", "No rollout yet" + (records.length ? " matches the filters." : ".")));
@@ -164,11 +201,13 @@ function render() {
 function rolloutView(r) {
   const article = node("article", "rollout");
   const meta = node("div", "meta");
-  const field = (name, value) => {
+  const field = (name, text) => {
     const span = node("span", null, name + " ");
-    span.appendChild(node("b", null, value));
+    span.appendChild(node("b", null, text));
     meta.appendChild(span);
   };
+  field("run", runOf(r));
+  field("kind", r.kind);
   field("adapter", r.adapter === null ? "base model" : r.adapter);
   field("version", "v" + r.policy_version);
   if (r.scores && r.scores.step !== null && r.scores.step !== undefined) field("step", r.scores.step);
@@ -176,20 +215,40 @@ function rolloutView(r) {
   field("rollout", r.rollout_id);
   if (r.truncated) field("note", "truncated (over the server's samples_max_bytes)");
   article.appendChild(meta);
-  r.results.forEach((result, i) => article.append(...promptView(result, i, r.scores)));
+  r.results.forEach((result, i) => article.append(...promptView(r, result, i)));
   return article;
 }
 
-function promptText(prompt) {
-  if (prompt === null) return "(sent as token ids, or dropped from a truncated record)";
-  if (typeof prompt === "string") return prompt;
-  return prompt.map((m) => m.role + ": " + m.content).join("\\n");
+function promptText(r, result, i) {
+  if (result.prompt !== null && result.prompt !== undefined) {
+    if (typeof result.prompt === "string") return result.prompt;
+    return result.prompt.map((m) => m.role + ": " + m.content).join("\\n");
+  }
+  const decoded = (r.prompt_texts || [])[i];
+  return decoded === undefined ? null : decoded;
 }
 
-function promptView(result, i, scores) {
+function textCell(className, text) {
+  if (text === "") return node("div", "text none " + className, "(empty)");
+  return node("div", "text " + className, text);
+}
+
+function promptView(r, result, i) {
+  const scores = r.scores;
+  const parts = [];
   const prompt = node("div", "prompt");
   prompt.appendChild(node("span", "label", "prompt " + i));
-  prompt.appendChild(node("div", "text prompt-text", promptText(result.prompt)));
+  const text = promptText(r, result, i);
+  prompt.appendChild(text === null ? node("div", "text none prompt-text", "(dropped from a truncated record)")
+                                   : node("div", "text prompt-text", text));
+  parts.push(prompt);
+  const answer = scores && scores.answers ? scores.answers[i] : null;
+  if (answer !== null && answer !== undefined) {
+    const box = node("div", "answer");
+    box.appendChild(node("span", "label", "expected answer"));
+    box.appendChild(node("div", "text answer-text", answer));
+    parts.push(box);
+  }
   const components = scores ? Object.keys(scores.components || {}).sort() : [];
   const table = node("table", "completions");
   const head = node("tr");
@@ -200,9 +259,9 @@ function promptView(result, i, scores) {
   result.completions.forEach((c, j) => {
     const row = node("tr", "completion");
     row.appendChild(node("td", "num", j));
-    const text = node("td");
-    text.appendChild(node("div", "text completion-text", c.text));
-    row.appendChild(text);
+    const cell = node("td");
+    cell.appendChild(textCell("completion-text", c.text));
+    row.appendChild(cell);
     row.appendChild(node("td", null, c.finish_reason === null ? "" : c.finish_reason));
     const reward = scores ? scores.rewards[i][j] : null;
     const advantage = scores ? scores.advantages[i][j] : null;
@@ -213,29 +272,75 @@ function promptView(result, i, scores) {
     for (const name of components) row.appendChild(node("td", "num component", num(scores.components[name][i][j])));
     table.appendChild(row);
   });
-  return [prompt, table];
+  parts.push(table);
+  return parts;
 }
 
-function drawPlot(shown) {
-  const svg = document.getElementById("plot");
-  const byStep = new Map();
-  for (const r of shown) {
-    if (!r.scores || r.scores.step === null || r.scores.step === undefined) continue;
-    const rewards = r.scores.rewards.flat().filter((x) => x !== null);  // null: unscorable
-    const [sum, count] = byStep.get(r.scores.step) || [0, 0];
-    byStep.set(r.scores.step, [sum + rewards.reduce((a, b) => a + b, 0), count + rewards.length]);
+// Prompts sampled at both versions (evaluation repeats its prompts at every eval step), by text.
+function drawCompare(ofAdapter, a, b) {
+  const box = document.getElementById("compare");
+  if (a === "" || b === "" || a === b) {
+    box.replaceChildren(node("p", "empty", "Pick two versions (the window holds " +
+                                           new Set(ofAdapter.map((r) => r.policy_version)).size + ")."));
+    return;
   }
-  const points = [...byStep].filter(([, [, n]]) => n > 0).map(([s, [sum, n]]) => [s, sum / n]);
-  points.sort((a, b) => a[0] - b[0]);
+  const byPrompt = new Map();
+  for (const r of ofAdapter) {
+    const side = String(r.policy_version) === a ? 0 : String(r.policy_version) === b ? 1 : -1;
+    if (side < 0) continue;
+    r.results.forEach((result, i) => {
+      const text = promptText(r, result, i);
+      if (text === null) return;
+      const entry = byPrompt.get(text) || [[], []];
+      for (const [j, c] of result.completions.entries()) {
+        entry[side].push([c.text, r.scores ? r.scores.rewards[i][j] : null]);
+      }
+      byPrompt.set(text, entry);
+    });
+  }
+  const both = [...byPrompt].filter(([, [x, y]]) => x.length && y.length);
+  if (both.length === 0) {
+    box.replaceChildren(node("p", "empty", "No prompt of the window was sampled at both v" + a + " and v" + b +
+                                           " (evaluation rollouts repeat theirs: set eval_steps)."));
+    return;
+  }
+  const table = node("table", "compare");
+  const head = node("tr");
+  for (const h of ["prompt", "v" + a, "v" + b]) head.appendChild(node("th", null, h));
+  table.appendChild(head);
+  for (const [text, sides] of both) {
+    const row = node("tr", "compared");
+    const cell = node("td");
+    cell.appendChild(node("div", "text compare-prompt", text));
+    row.appendChild(cell);
+    sides.forEach((completions, side) => {
+      const td = node("td", "side");
+      for (const [completion, reward] of completions) {
+        td.appendChild(textCell("compare-" + (side === 0 ? "a" : "b"), completion));
+        if (reward !== null) td.appendChild(node("div", "meta", "reward " + num(reward)));
+      }
+      row.appendChild(td);
+    });
+    table.appendChild(row);
+  }
+  box.replaceChildren(table);
+}
+
+function drawPlot(shownCurves) {
+  const svg = document.getElementById("plot");
+  const legend = document.getElementById("legend");
+  const lines = shownCurves.filter((c) => c.points.length > 0);
   const W = 640, H = 180, L = 48, R = 12, T = 10, B = 24;
   const parts = [svgNode("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#b8bfcc" }),
                  svgNode("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#b8bfcc" })];
-  if (points.length === 0) {
+  if (lines.length === 0) {
     parts.push(svgNode("text", { x: L + 10, y: H / 2 }, "no scores with a step posted yet"));
     svg.replaceChildren(...parts);
+    legend.replaceChildren();
     return;
   }
-  const steps = points.map((p) => p[0]), means = points.map((p) => p[1]);
+  const all = lines.flatMap((c) => c.points);
+  const steps = all.map((p) => p.step), means = all.map((p) => p.reward_mean);
   let [s0, s1] = [Math.min(...steps), Math.max(...steps)];
   let [m0, m1] = [Math.min(...means), Math.max(...means)];
   if (s0 === s1) { s0 -= 1; s1 += 1; }
@@ -246,23 +351,71 @@ function drawPlot(shown) {
   parts.push(svgNode("text", { x: 4, y: H - B }, m0.toFixed(2)));
   parts.push(svgNode("text", { x: L, y: H - 6 }, "step " + Math.min(...steps)));
   parts.push(svgNode("text", { x: W - R - 60, y: H - 6 }, "step " + Math.max(...steps)));
-  parts.push(svgNode("polyline", {
-    points: points.map(([s, m]) => x(s).toFixed(1) + "," + y(m).toFixed(1)).join(" "),
-    fill: "none", stroke: "#2f6fde", "stroke-width": 2,
-  }));
-  for (const [s, m] of points) {
-    const dot = svgNode("circle", { cx: x(s).toFixed(1), cy: y(m).toFixed(1), r: 3, fill: "#2f6fde" });
-    dot.appendChild(svgNode("title", {}, "step " + s + ": mean reward " + m.toFixed(4)));
-    parts.push(dot);
-  }
+  const keys = [];
+  lines.forEach((c, k) => {
+    const color = COLORS[k % COLORS.length];
+    const name = runOf(c) + " · " + c.kind + (c.adapter === null ? "" : " · " + c.adapter);
+    keys.push([name, color]);
+    parts.push(svgNode("polyline", {
+      points: c.points.map((p) => x(p.step).toFixed(1) + "," + y(p.reward_mean).toFixed(1)).join(" "),
+      fill: "none", stroke: color, "stroke-width": 2,
+    }));
+    const every = Math.max(1, Math.ceil(c.points.length / 200));  // dots for at most ~200 steps a curve
+    c.points.forEach((p, i) => {
+      if (i % every !== 0 && i !== c.points.length - 1) return;
+      const dot = svgNode("circle", { cx: x(p.step).toFixed(1), cy: y(p.reward_mean).toFixed(1), r: 3, fill: color });
+      dot.appendChild(svgNode("title", {}, name + ", step " + p.step + " (v" + p.policy_version + "): mean reward " +
+                                         p.reward_mean.toFixed(4) + " over " + p.completions + " completions"));
+      parts.push(dot);
+    });
+  });
   svg.replaceChildren(...parts);
+  legend.replaceChildren(...keys.map(([name, color]) => {
+    const item = node("span", "legend-item");
+    const swatch = node("span", "swatch");
+    swatch.style.background = color;
+    item.append(swatch, node("span", "legend-name", name));
+    return item;
+  }));
 }
 
-for (const id of ["adapter", "version"]) document.getElementById(id).addEventListener("change", render);
-document.getElementById("limit").addEventListener("change", poll);
+for (const id of ["adapter", "version", "versionA", "versionB"]) {
+  document.getElementById(id).addEventListener("change", render);
+}
+for (const id of ["run", "kind", "limit"]) document.getElementById(id).addEventListener("change", poll);
+// /ui?run=NAME&kind=KIND opens the page filtered (a link to one run's samples).
+for (const id of ["run", "kind"]) {
+  const wanted = new URLSearchParams(location.search).get(id);
+  const select = document.getElementById(id);
+  if (!wanted) continue;
+  if (!Array.from(select.options, (o) => o.value).includes(wanted)) {
+    const o = node("option", null, wanted);
+    o.value = wanted;
+    select.appendChild(o);
+  }
+  select.value = wanted;
+}
+const initial = JSON.parse(document.getElementById("initial").textContent);
+if (initial !== null) {  // drawn before the first poll answers
+  records = initial.samples;
+  curves = initial.curves;
+  setStatus(records.length + " rollouts, as the page was served", false);
+  render();
+}
 poll();
 setInterval(poll, POLL_MS);
 </script>
 </body>
 </html>
 """
+
+INITIAL_LIMIT = 25
+"""Rollouts the page is served with: its `limit` select's default."""
+
+
+def render_page(initial: dict[str, Any] | None) -> str:
+    """The page, carrying `initial` ({"samples": [...], "curves": [...]}, as GET /v1/samples and
+    /v1/samples/curves answer them) to draw before its first poll; None: it waits for the poll.
+    `<`, `>` and `&` are escaped as JSON's \\u escapes, so no text can close the script element."""
+    data = json.dumps(initial).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return SAMPLES_PAGE.replace("/*INITIAL*/", data, 1)

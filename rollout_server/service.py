@@ -32,7 +32,7 @@ from prometheus_client import Counter as PromCounter
 
 from rollout_server.adapters import adapter_digest, check_adapter, directory_digest, shown_path, write_merged
 from rollout_server.engine import Generated, LoraHandle, RolloutEngine
-from rollout_server.samples import SampleStore
+from rollout_server.samples import SampleStore, cut_text
 from rollout_server.uploads import prune_uploads, receive_upload
 from shared.config import ServerConfig
 from shared.errors import (
@@ -47,6 +47,7 @@ from shared.errors import (
     ServerAsleepError,
 )
 from shared.schemas import (
+    PROMPT_TEXT_CHARS,
     AdapterDigest,
     AdapterInfo,
     AdapterUpload,
@@ -188,7 +189,14 @@ class RolloutService:
             results=results,
             created_at=datetime.now(UTC),
         )
-        await self.samples.add(SampleRecord(**response.model_dump()))
+        await self.samples.add(
+            SampleRecord(
+                **response.model_dump(),
+                run=request.run,
+                kind=request.kind,
+                prompt_texts=[cut_text(self.engine.decode(ids), PROMPT_TEXT_CHARS) for ids in prompt_ids],
+            )
+        )
         self.metrics.requests.labels("ok").inc()
         self.metrics.latency.observe(time.perf_counter() - start)
         self.metrics.completions.inc(sum(len(r.completions) for r in results))

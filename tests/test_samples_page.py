@@ -5,6 +5,7 @@ browser against real vLLM: test_samples_page_integration.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def test_the_page_is_self_contained_and_never_parses_data_as_html(client: TestCl
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp  # the browser enforces both
     assert r.headers["referrer-policy"] == "no-referrer"  # the URL holds the key
     # What the script reads: texts-only samples, with the key sent on as the Bearer header.
-    assert "/v1/samples?tokens=false" in page and '"Bearer " + KEY' in page
+    assert 'tokens: "false"' in page and '"/v1/samples?" + query' in page and '"Bearer " + KEY' in page
+    assert '"/v1/samples/curves"' in page
 
 
 def test_the_query_key_is_removed_before_the_access_log_can_print_it() -> None:
@@ -101,4 +103,103 @@ def test_samples_without_tokens_keep_the_texts_and_scores(cfg: ServerConfig) -> 
     for record in (full, brief):
         assert record["results"][0]["prompt"] == "hi"
         assert [c["text"] for c in record["results"][0]["completions"]] == ["v0-0", "v0-1"]
-        assert record["scores"] == scores
+        assert record["scores"] == {**scores, "answers": None}
+
+
+def fake_client(cfg: ServerConfig, **overrides) -> TestClient:
+    cfg = cfg.model_copy(update=overrides)
+    engine = FakeEngine(max_model_len=cfg.max_model_len or 64)
+    return TestClient(build_app(cfg, api_key="", engine_factory=lambda _: engine))
+
+
+def initial_data(page: str) -> dict:
+    """The data the page is served with (its JSON script element)."""
+    match = re.search(r'<script type="application/json" id="initial">(.*?)</script>', page, re.S)
+    assert match is not None
+    return json.loads(match.group(1))
+
+
+def test_a_record_shows_every_prompt_as_text_its_run_and_kind(cfg: ServerConfig) -> None:
+    """Issue 20: a learner's prompts are sent as token ids, and the page showed none of them."""
+    with fake_client(cfg) as c:
+        sent = {"prompt_token_ids": [list(b"37+14=")], "n": 1, "max_tokens": 2, "run": "ui-run", "kind": "training"}
+        assert c.post("/v1/rollouts", json=sent).status_code == 200
+        assert c.post("/v1/rollouts", json={"prompts": ["hi"], "n": 1, "max_tokens": 2}).status_code == 200
+        newest, first = c.get("/v1/samples?tokens=false&limit=5").json()["samples"]
+        assert (first["run"], first["kind"], first["prompt_texts"]) == ("ui-run", "training", ["37+14="])
+        assert (newest["run"], newest["kind"], newest["prompt_texts"]) == (None, "api", ["hi"])
+        # filtered by run and by kind
+        assert [r["rollout_id"] for r in c.get("/v1/samples?run=ui-run").json()["samples"]] == [first["rollout_id"]]
+        assert [r["rollout_id"] for r in c.get("/v1/samples?kind=api").json()["samples"]] == [newest["rollout_id"]]
+        assert c.get("/v1/samples?kind=nonsense").status_code == 422
+        completion = {"prompts": ["hi"], "max_tokens": 2, "model": "base"}
+        c.post("/v1/completions", json=completion)
+        kinds = [r["kind"] for r in c.get("/v1/samples?limit=5").json()["samples"]]
+    assert kinds[0] in ("openai", "api") and kinds[-2:] == ["api", "training"]
+
+
+def test_a_long_prompt_is_kept_as_its_start_and_its_end(cfg: ServerConfig) -> None:
+    text = "a" * 1000 + "MIDDLE" + "z" * 3000
+    with fake_client(cfg, max_prompt_chars=10_000, max_model_len=8192, max_tokens=2) as c:
+        assert c.post("/v1/rollouts", json={"prompts": [text], "n": 1, "max_tokens": 1}).status_code == 200
+        (kept,) = c.get("/v1/samples").json()["samples"][0]["prompt_texts"]
+    # PROMPT_TEXT_CHARS = 2000: the first 500 characters, an ellipsis, the last 1499
+    assert kept == "a" * 500 + "…" + "z" * 1499
+
+
+def test_each_runs_curve_covers_every_step_scored_not_only_the_window(cfg: ServerConfig) -> None:
+    """Issue 20: the plot covered only the records in the window (steps 4-5 of 5), and two runs on
+    one server were one curve."""
+    with fake_client(cfg, samples_capacity=2) as c:
+        for run, offset in (("a", 0.0), ("b", 10.0)):
+            for step in (1, 2, 3):
+                body = {"prompt_token_ids": [[1], [2]], "n": 2, "max_tokens": 1, "run": run, "kind": "training"}
+                rollout_id = c.post("/v1/rollouts", json=body).json()["rollout_id"]
+                # prompt 1's second completion is unscorable (None): the mean is over 3 rewards
+                rewards = [[step + offset, 1.0 + offset], [2.0 + offset, None]]
+                scores = {"rewards": rewards, "advantages": [[0.0, 0.0], [0.0, 0.0]], "step": step}
+                assert c.post(f"/v1/samples/{rollout_id}/scores", json=scores).status_code == 200
+            # scored again (a re-post): its first scores are replaced, not added
+            scores = {"rewards": [[3.0 + offset, 1.0 + offset], [2.0 + offset, None]], "advantages": [[0, 0], [0, 0]]}
+            assert c.post(f"/v1/samples/{rollout_id}/scores", json={**scores, "step": 3}).status_code == 200
+        curves = c.get("/v1/samples/curves").json()["curves"]
+        assert len(c.get("/v1/samples?limit=100").json()["samples"]) == 2  # the window: 2 of 6 rollouts
+    assert [(k["run"], k["kind"], k["adapter"]) for k in curves] == [("a", "training", None), ("b", "training", None)]
+    for curve, offset in zip(curves, (0.0, 10.0), strict=True):
+        # step s: (s + 1 + 2) / 3 + offset
+        assert [(p["step"], p["completions"]) for p in curve["points"]] == [(1, 3), (2, 3), (3, 3)]
+        assert [p["reward_mean"] for p in curve["points"]] == pytest.approx([(s + 3) / 3 + offset for s in (1, 2, 3)])
+
+
+def test_a_curve_keeps_its_newest_samples_curve_points_steps(cfg: ServerConfig) -> None:
+    with fake_client(cfg, samples_curve_points=2) as c:
+        for step in (1, 2, 3):
+            rollout_id = c.post("/v1/rollouts", json={"prompts": ["x"], "n": 1, "max_tokens": 1}).json()["rollout_id"]
+            c.post(f"/v1/samples/{rollout_id}/scores", json={"rewards": [[1.0]], "advantages": [[0.0]], "step": step})
+        ((curve),) = c.get("/v1/samples/curves").json()["curves"]
+    assert [p["step"] for p in curve["points"]] == [2, 3]
+
+
+def test_scores_carry_each_prompts_expected_answer(cfg: ServerConfig) -> None:
+    with fake_client(cfg) as c:
+        rollout_id = c.post("/v1/rollouts", json={"prompts": ["a", "b"], "n": 1, "max_tokens": 1}).json()["rollout_id"]
+        scores = {"rewards": [[1.0], [0.0]], "advantages": [[0.0], [0.0]], "answers": ["51", None]}
+        assert c.post(f"/v1/samples/{rollout_id}/scores", json=scores).status_code == 200
+        assert c.get("/v1/samples").json()["samples"][0]["scores"]["answers"] == ["51", None]
+        one_short = {**scores, "answers": ["51"]}
+        assert c.post(f"/v1/samples/{rollout_id}/scores", json=one_short).status_code == 422
+
+
+def test_the_page_is_served_with_its_first_window_of_data_escaped(cfg: ServerConfig) -> None:
+    """A first render that does not wait for the first poll; no model text can close the script."""
+    hostile = "</script><script>alert(1)</script>&amp;"
+    with fake_client(cfg) as c:
+        assert c.post("/v1/rollouts", json={"prompts": [hostile], "n": 1, "max_tokens": 1}).status_code == 200
+        rollout_id = c.get("/v1/samples").json()["samples"][0]["rollout_id"]
+        c.post(f"/v1/samples/{rollout_id}/scores", json={"rewards": [[0.5]], "advantages": [[0.0]], "step": 1})
+        page = c.get("/ui").text
+    assert hostile not in page and "alert(1)</script>" not in page
+    data = initial_data(page)
+    assert data["samples"][0]["results"][0]["prompt"] == hostile and data["samples"][0]["prompt_texts"] == [hostile]
+    assert data["samples"][0]["results"][0]["completions"][0]["token_ids"] == []  # texts only, as polled
+    assert data["curves"][0]["points"][0]["reward_mean"] == 0.5

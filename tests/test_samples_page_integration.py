@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from transformers import AutoTokenizer
 
 from tests.conftest import KEYED_SERVER_KEY, KeyedServer
 
@@ -117,3 +118,33 @@ def test_the_page_shows_a_fresh_completion_with_its_scores(
     server_log = log.read_text()
     assert '"GET /ui HTTP/1.1" 200' in server_log
     assert KEY not in server_log
+
+
+def test_the_page_shows_token_id_prompts_as_text_the_answer_each_runs_curve_and_two_versions(
+    server: tuple[str, Path], chromium: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 20: a learner's rollouts (prompts as token ids) showed no prompt; the plot drew one
+    curve for every run; no two versions could be compared."""
+    url, _ = server
+    prompt_ids = AutoTokenizer.from_pretrained(str(tiny_model_dir)).encode("37+14=", add_special_tokens=False)
+    completions = {}
+    for adapter, step in ((None, 1), ("policy", 2)):  # v0 (the base) and v1
+        body = {"prompt_token_ids": [prompt_ids], "n": 1, "max_tokens": 6, "seed": 0, "temperature": 0}
+        body |= {"adapter": adapter, "run": "ui-run", "kind": "evaluation"}
+        r = httpx.post(f"{url}/v1/rollouts", json=body, headers=AUTH, timeout=120)
+        assert r.status_code == 200, r.text
+        rollout = r.json()
+        completions[adapter] = rollout["results"][0]["completions"][0]["text"]
+        scores = {"rewards": [[float(step)]], "advantages": [[0.0]], "step": step, "answers": ["51"]}
+        r = httpx.post(f"{url}/v1/samples/{rollout['rollout_id']}/scores", json=scores, headers=AUTH)
+        assert r.status_code == 200, r.text
+
+    dom = run_chromium(chromium, tmp_path / "profile", "--dump-dom", f"{url}/ui?key={KEY}&run=ui-run")
+    assert texts_of(dom, "prompt-text") == ["37+14=", "37+14="]  # decoded by the server from the token ids
+    assert texts_of(dom, "answer-text") == ["51", "51"]
+    legend = texts_of(dom, "legend-name")  # one curve per run, kind and adapter: this run's two
+    assert sorted(legend) == ["ui-run · evaluation", "ui-run · evaluation · policy"]
+    # the newest version against the oldest: v1 (policy) beside v0 (the base), for the same prompt
+    assert texts_of(dom, "compare-prompt") == ["37+14="]
+    assert texts_of(dom, "compare-a") == [completions["policy"] or "(empty)"]
+    assert texts_of(dom, "compare-b") == [completions[None] or "(empty)"]

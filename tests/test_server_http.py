@@ -266,7 +266,11 @@ def test_samples_are_recent_first_bounded_scored_and_persisted(client: TestClien
     assert [s["rollout_id"] for s in samples] == ids[::-1][:3]  # capacity 3: the oldest is gone
     scores = {"rewards": [[0.5, 1.0]], "advantages": [[-1.0, 1.0]], "step": 7}
     assert client.post(f"/v1/samples/{ids[-1]}/scores", json=scores).status_code == 200
-    assert client.get("/v1/samples?limit=1").json()["samples"][0]["scores"] == {**scores, "components": {}}
+    assert client.get("/v1/samples?limit=1").json()["samples"][0]["scores"] == {
+        **scores,
+        "answers": None,
+        "components": {},
+    }
     assert client.post(f"/v1/samples/{ids[0]}/scores", json=scores).status_code == 404  # evicted
     bad = {"rewards": [[0.5]], "advantages": [[1.0]]}
     assert client.post(f"/v1/samples/{ids[-1]}/scores", json=bad).status_code == 422
