@@ -38,6 +38,7 @@ from learner.prompts import PromptSampler
 from learner.reference import POLICY
 from learner.run_log import drop_samples_after, drop_steps_after
 from shared.config import LearnerConfig
+from shared.durable import fsync_dir, fsync_tree
 from shared.errors import ConfigError
 
 log = logging.getLogger("learner")
@@ -98,7 +99,8 @@ def save(
     identity: Path | None = None,
 ) -> Path:
     """Write `root/step-{state.step:06d}` atomically: a temp dir, then a rename that fails rather than
-    overwrite an existing checkpoint. Safe against the process dying, not against power loss (no fsync).
+    overwrite an existing checkpoint. Its files and directories are fsynced before the rename, and the
+    rename after it (shared.durable), so a power loss leaves the checkpoint whole or absent.
     `identity`, the run's run_identity.json, is copied in (without one, a resume needs --allow-config-change)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
@@ -122,11 +124,26 @@ def save(
             "python_random": random.getstate(),
         }
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state))  # last: a dir without it is not a checkpoint
+        fsync_tree(tmp)  # the data on disk before the name that says it is whole
         os.rename(tmp, final)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def served_versions(output_dir: Path) -> set[int]:
+    """The adapter versions the checkpoints under `output_dir` serve from when resumed (the one
+    after their step, and under overlap the one their next step was sampled from): adapter
+    retention keeps them (learner.retention)."""
+    versions = set()
+    for path in _complete(output_dir / "checkpoints"):
+        saved = json.loads((path / STATE_FILE).read_text())
+        for key in ("adapter", "overlap_sampled_adapter"):
+            if saved.get(key) and (match := _VERSION.fullmatch(saved[key])):
+                versions.add(int(match.group(1)))
+    return versions
 
 
 def latest(root: Path) -> Path | None:

@@ -18,6 +18,7 @@ from learner.learn import learn_from
 from learner.model import eos_token_ids, save_next_version
 from learner.overlap import Rollouts
 from learner.prompts import PromptEncoder, PromptSampler, Row
+from learner.retention import prune_versions
 from learner.rollout_client import RolloutClient
 from learner.run_log import RunLog, StepFigures
 from learner.server_link import ServerLink, logprob_canary
@@ -51,7 +52,6 @@ def run(
     encode = PromptEncoder(tokenizer, cfg, eos_ids=eos_token_ids(policy.generation_config, tokenizer))
     reward_fns = reward_funcs.load(cfg)  # learner.cli checked them before the model loaded
     evaluation = Evaluation(cfg, list(eval_rows), encode, reward_fns, policy, tokenizer.decode)
-    adapter_root = cfg.output_dir / "adapters"
     canary = partial(logprob_canary, policy=policy, prompt_ids=encode.prompt(rows[0]), cfg=cfg, pad_id=encode.pad_id)
     server = ServerLink(clients, cfg, canary)  # survives server restarts; wakes the servers on exit
     start = checkpoint.restore(cfg, policy, optimizer, prompts, ranks)  # step 0, or a checkpoint's step
@@ -90,7 +90,7 @@ def run(
             if learned.stats.skipped:  # on every rank alike
                 log.note(f"[step {step}] non-finite loss or gradient: update skipped, version {server.version} kept")
             else:
-                saved = _save_and_serve(policy, adapter_root, server, ranks)
+                saved = _save_and_serve(policy, cfg, server, ranks)
             answers = [getattr(row, "answer", None) for row in batch]
             server.post_scores(rollout.rollout_id, learned.sample_scores(step, answers), step)  # this rank's rollout
             scored, updated, swapped = learned.score_s, t2 - t1 - learned.score_s, time.perf_counter() - t2
@@ -108,11 +108,16 @@ def run(
     return saved
 
 
-def _save_and_serve(policy: PeftModel, adapter_root: Path, server: ServerLink, ranks: Distributed) -> Path:
-    """Save `policy`'s adapter as the next version under `adapter_root` (rank 0 alone writes it)
-    and serve it from now on (_serve); returns its directory, on every rank."""
+def _save_and_serve(policy: PeftModel, cfg: LearnerConfig, server: ServerLink, ranks: Distributed) -> Path:
+    """Save `policy`'s adapter as the next version under the run's adapters (rank 0 alone writes
+    it), serve it from now on (_serve), and delete the versions no one needs any more
+    (learner.retention); returns its directory, on every rank."""
+    adapter_root = cfg.output_dir / "adapters"
     version, adapter_dir = save_next_version(policy, adapter_root, ranks)
     _serve(adapter_dir, version, server, ranks)
+    if ranks.is_main:
+        checkpointed = checkpoint.served_versions(cfg.output_dir)
+        prune_versions(adapter_root, went_live=server.went_live, checkpointed=checkpointed, keep=cfg.keep_adapters)
     return adapter_dir
 
 

@@ -22,6 +22,7 @@ from learner.distributed import Distributed
 from learner.reference import POLICY, hold_init_reference
 from shared.config import LearnerConfig
 from shared.device import check_gpu_usable
+from shared.durable import fsync_dir, fsync_tree
 from shared.errors import ConfigError
 
 
@@ -259,7 +260,9 @@ def save_adapter(model: PeftModel, adapter_root: Path, version: int) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=adapter_root))
     try:
         model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=[POLICY])  # not the reference
+        fsync_tree(tmp)  # the files on disk before the name a server loads (shared.durable)
         os.rename(tmp, final)  # atomic; fails rather than overwrite an existing version
+        fsync_dir(adapter_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

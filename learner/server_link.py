@@ -131,6 +131,11 @@ class ServerLink:
         """The version rollouts must be stamped with (0: the base model)."""
         return self._published.version if self._published else 0
 
+    @property
+    def went_live(self) -> list[int]:
+        """Every version live so far, in order, the base's 0 first."""
+        return list(self._went_live)
+
     def versions_since(self, version: int) -> int:
         """How many versions went live after `version` (0: it is the live one), whatever their
         numbers (a run's first version follows the base, 0, with the number of its directory)."""

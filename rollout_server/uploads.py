@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 
 from shared.adapter_hash import adapter_sha256
+from shared.durable import fsync_dir
 from shared.errors import AdapterLoadError, PayloadTooLargeError
 from shared.schemas import AdapterUpload
 
@@ -79,7 +80,7 @@ def _unpack_and_place(archive: Path, staging: Path, sha256: str) -> tuple[Path, 
             f"the uploaded files hash to sha256 {got[:12]}..., not {sha256[:12]}... as the URL says "
             "(sent incomplete, or altered on the way)"
         )
-    _fsync_dir(staging)
+    fsync_dir(staging)
     final = staging.parent.parent / sha256
     if final.is_dir() and adapter_sha256(final) == sha256:
         os.utime(final)  # sent again: as recent as a new upload, for prune_uploads
@@ -87,7 +88,7 @@ def _unpack_and_place(archive: Path, staging: Path, sha256: str) -> tuple[Path, 
     if final.exists():
         shutil.rmtree(final)  # not what its name says: an earlier write that did not end
     os.rename(staging, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final, AdapterUpload(lora_path=f"{UPLOADS}/{sha256}", sha256=sha256, bytes=total)
 
 
@@ -118,11 +119,3 @@ def prune_uploads(adapter_root: Path, *, keep: int, in_use: Collection[Path]) ->
             shutil.rmtree(old, ignore_errors=True)
             deleted.append(old)
     return deleted
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

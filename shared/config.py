@@ -260,6 +260,10 @@ class LearnerConfig(_Strict):
     it is sent over HTTP (PUT /v1/adapter_uploads/{sha256}) and written under the server's
     <adapter_root>/uploads; no shared volume is needed. auto: shared where a server's root holds
     the learner's version directory with the same sha256 (asked once per server start), else upload."""
+    keep_adapters: int = Field(3, ge=0)
+    """Adapter versions kept in <output_dir>/adapters besides the live one, the one before it and
+    those checkpoints serve from: the newest N (learner.retention); older ones are deleted as the
+    run goes (0: keep only those needed)."""
     steps: int = Field(10, gt=0)
     """Optimizer steps (one batch of prompts each)."""
     prompts_per_step: int = Field(4, gt=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 from pathlib import Path
@@ -358,3 +359,35 @@ def test_a_resume_allowed_a_new_learning_rate_trains_with_it(tiny_model_dir: Pat
     checkpoint.restore(cfg, policy2, optimizer2, prompts2)
     assert [group["lr"] for group in optimizer2.param_groups] == [3e-4]
     assert optimizer2.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()  # moments restored
+
+
+def test_checkpoints_and_adapter_versions_are_on_disk_before_their_names(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 21: checkpoints were renamed into place unsynced; a power loss could leave a complete-
+    looking step-N with empty files. Every file and directory is fsynced before the rename, and the
+    parent after it."""
+    policy, optimizer, prompts = trained(tiny_model_dir, LearnerConfig(output_dir=tmp_path))
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst) -> None:
+        events.append(("rename", str(src)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    root = tmp_path / "checkpoints"
+    final = checkpoint.save(root, TrainState(1, 1, None), policy, optimizer, prompts)
+    adapter = save_adapter(policy, tmp_path / "adapters", 1)
+    for done, parent in ((final, root), (adapter, tmp_path / "adapters")):
+        (moved,) = [i for i, (kind, path) in enumerate(events) if kind == "rename" and Path(path).parent == parent]
+        temp = Path(events[moved][1])
+        synced_before = {Path(path) for kind, path in events[:moved] if kind == "fsync"}
+        written = {temp / p.relative_to(done) for p in done.rglob("*")} | {temp}
+        assert written <= synced_before, sorted(map(str, written - synced_before))
+        assert ("fsync", str(parent)) in events[moved + 1 :]

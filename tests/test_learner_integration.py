@@ -244,11 +244,14 @@ def test_a_learner_that_does_not_share_the_servers_adapter_root_uploads_each_ver
     tiny_model_dir: Path, client: RolloutClient, tmp_path: Path
 ) -> None:
     """Issue 20's first finding: a server started with one adapter root (the module's run_dir) and
-    a learner writing its versions elsewhere; each version goes over HTTP (adapter_transfer auto)."""
+    a learner writing its versions elsewhere; each version goes over HTTP (adapter_transfer auto).
+    With keep_adapters 0 (issue 21: bounded disk) the run keeps only the live version and the one
+    before it."""
     cfg = LearnerConfig(
         output_dir=tmp_path / "elsewhere",
         adapter_name="uploaded",
-        steps=2,
+        keep_adapters=0,
+        steps=3,
         prompts_per_step=2,
         sample_every=0,
         sampling={"n": 2, "max_tokens": 4, "seed": 0},
@@ -256,5 +259,6 @@ def test_a_learner_that_does_not_share_the_servers_adapter_root_uploads_each_ver
     policy, tokenizer = load_policy(str(tiny_model_dir), cfg)
     last = loop.run(cfg, load_rows(cfg.data, cfg.mode), policy, tokenizer, [client])
     card = client.served("uploaded")
-    assert (card.version, card.sha256) == (2, adapter_sha256(last))
+    assert (card.version, card.sha256) == (3, adapter_sha256(last))
     assert card.root == f"uploads/{card.sha256}"  # relative to the server's root: not the learner's folder
+    assert sorted(p.name for p in (cfg.output_dir / "adapters").iterdir()) == ["v000002", "v000003"]
