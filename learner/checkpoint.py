@@ -6,7 +6,10 @@
 - `optimizer.pt`: AdamW's state, moments and step counts (there is no LR scheduler);
 - `rng.pt`: torch's CPU (and CUDA) generator states;
 - `trainer_state.json`: the step; the policy version served for the next step and its adapter
-  directory under output_dir/adapters; the prompt sampler's RNG and position; Python's `random`;
+  directory under output_dir/adapters; with overlap, the version the next step's rollout was
+  sampled from when it is another (`overlap_sampled_version`, its directory
+  `overlap_sampled_adapter`, which a resume serves first); the prompt sampler's RNG and position;
+  Python's `random`;
 - `run_identity.json`: the run's settings, data and model (learner.run_identity), which a resume
   compares with its own.
 
@@ -33,7 +36,7 @@ import yaml
 from peft import PeftModel
 
 from learner.distributed import Distributed
-from learner.model import ADAPTER_WEIGHTS, load_adapter_weights, save_adapter, save_next_version
+from learner.model import ADAPTER_WEIGHTS, load_adapter_weights, save_adapter, save_next_version, version_dir
 from learner.prompts import PromptSampler
 from learner.reference import POLICY
 from learner.run_log import drop_samples_after, drop_steps_after
@@ -66,6 +69,9 @@ class TrainState:
     """The policy version serving step + 1: its adapter directory's number (0: the base model)."""
     adapter: Path | None
     """That adapter's directory, output_dir/adapters/v{version:06d}; None: the base model."""
+    sampled_version: int | None = None
+    """With overlap: the version step + 1's rollout was pinned to, asked for during step `step`
+    (learner.overlap; 0: the base model), when it is not `version`; None: it samples `version`."""
 
 
 def save_if_due(
@@ -116,10 +122,13 @@ def save(
         torch.save(rng, tmp / "rng.pt")
         if identity is not None:
             shutil.copy(identity, tmp / IDENTITY_FILE)
+        sampled = state.sampled_version if state.sampled_version != state.version else None
         trainer_state = {
             "step": state.step,
             "policy_version": state.version,
             "adapter": None if state.adapter is None else state.adapter.name,
+            "overlap_sampled_version": sampled,
+            "overlap_sampled_adapter": version_dir(Path(), sampled).name if sampled else None,
             "prompts": prompts.state_dict(),
             "python_random": random.getstate(),
         }
@@ -277,7 +286,15 @@ def restore(
     random.setstate((version_, tuple(internal), gauss))
     prompts.load_state_dict(saved["prompts"])
     adapter = None if saved["adapter"] is None else adapter_root / saved["adapter"]
-    state = TrainState(saved["step"], saved["policy_version"], adapter)
+    sampled = saved.get("overlap_sampled_version") if cfg.overlap else None  # checkpoints before it: none
+    if sampled and not version_dir(adapter_root, sampled).is_dir():
+        log.warning(
+            "%s is gone: step %d is sampled from version %d, not from version %d as the run that wrote %s "
+            "sampled it (the resumed run's samples differ from an uninterrupted run's)",
+            version_dir(adapter_root, sampled), saved["step"] + 1, saved["policy_version"], sampled, path,
+        )  # fmt: skip
+        sampled = None
+    state = TrainState(saved["step"], saved["policy_version"], adapter, sampled)
     if ranks.is_main:
         _roll_back(cfg.output_dir, state)
         if state.adapter is not None:

@@ -15,7 +15,7 @@ from learner import checkpoint, reward_funcs
 from learner.distributed import Distributed
 from learner.evaluate import Evaluation
 from learner.learn import learn_from
-from learner.model import eos_token_ids, save_next_version
+from learner.model import eos_token_ids, save_next_version, version_dir
 from learner.overlap import Rollouts
 from learner.prompts import PromptEncoder, PromptSampler, Row
 from learner.retention import prune_versions
@@ -59,6 +59,7 @@ def run(
     log = RunLog(cfg, done=start.step, ranks=ranks)  # writes on rank 0 only
     rollouts = Rollouts(server, prompts, encode, cfg, ranks)  # this rank's share, one step ahead with overlap
     try:
+        _sample_in_flight(start, rollouts, cfg, server, ranks)  # overlap: the step in flight at the checkpoint
         if saved:
             _serve(saved, start.version, server, ranks)
         if start.step == 0:
@@ -99,7 +100,7 @@ def run(
             whole = StepFigures.of(rollout, learned, **lag).gather(ranks)  # collectives: on every rank
             log.step(step, server.version, rollout, learned, times, prompts=[row.prompt for row in batch], whole=whole)
             evaluation.after_step(step, server, log)
-            state = checkpoint.TrainState(step, server.version, saved)
+            state = checkpoint.TrainState(step, server.version, saved, rollouts.ahead_version)
             checkpoint.save_if_due(cfg, state, policy, optimizer, rollouts, ranks)
     finally:
         rollouts.close()
@@ -119,6 +120,21 @@ def _save_and_serve(policy: PeftModel, cfg: LearnerConfig, server: ServerLink, r
         checkpointed = checkpoint.served_versions(cfg.output_dir)
         prune_versions(adapter_root, went_live=server.went_live, checkpointed=checkpointed, keep=cfg.keep_adapters)
     return adapter_dir
+
+
+def _sample_in_flight(
+    start: checkpoint.TrainState, rollouts: Rollouts, cfg: LearnerConfig, server: ServerLink, ranks: Distributed
+) -> None:
+    """Resuming with overlap: the run that wrote the checkpoint had step start.step + 1 in flight,
+    pinned to the version before the checkpoint's (start.sampled_version). Serve that version and
+    sample the step from it again, as that run did, so the resumed run trains on the same samples;
+    the checkpoint's version goes live next, as it did then. Nothing without one in flight."""
+    if start.sampled_version is None or start.step >= cfg.steps:
+        return
+    if start.sampled_version:  # 0: the base, which rollouts sample while no version is served
+        _serve(version_dir(cfg.output_dir / "adapters", start.sampled_version), start.sampled_version, server, ranks)
+    rollouts.sample_ahead(start.step + 1)
+    ranks.barrier()  # every rank's share sampled before the next publish retires that version
 
 
 def _serve(adapter_dir: Path, version: int, server: ServerLink, ranks: Distributed) -> None:

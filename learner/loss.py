@@ -1,4 +1,4 @@
-"""The GRPO loss: clipped surrogate, truncated importance sampling, k3 KL to the reference.
+"""The GRPO loss: clipped surrogate, importance sampling against the sampler, k3 KL to the reference.
 
 One pure function of tensors. N sequences, T completion positions; every [N, T] tensor holds the
 log-probability of the sampled token at that position, and mask_N_T marks completion tokens.
@@ -44,7 +44,7 @@ class LossOutputs:
     clip_fraction: float
     """Fraction of tokens where the clipped term was strictly smaller and so was taken."""
     is_weight_mean: float
-    """Mean truncated importance weight."""
+    """Mean importance weight over the masked tokens (a sequence-level weight counts once per token)."""
     sampler_gap: float
     """Mean |old - sampler| log-probability."""
     sampler_gap_M: Tensor
@@ -79,12 +79,17 @@ def grpo_loss(inputs: LossInputs, cfg: LossConfig, *, max_tokens: int | None = N
 
     Per token, with r = exp(logp - old) and A the sequence's advantage:
       surrogate = min(r * A, clip(r, 1 - clip_eps_low, 1 + clip_eps_high) * A)
-      w         = min(exp(old - sampler), tis_cap), detached (1 when tis_cap is None): corrects
-                  for vLLM's sampler differing from the learner's rollout-time policy
+      w         = the importance weight, detached: corrects for vLLM's sampler differing from the
+                  learner's rollout-time policy (and, with overlap, for the version it sampled).
+                  cfg.importance_sampling, as TRL's vllm_importance_sampling_mode: token_*
+                  exp(old - sampler) per token; sequence_* exp(sum of the sequence's old - sampler)
+                  on each of its tokens; *_truncate min(weight, tis_cap); *_mask 0 where the weight
+                  is above tis_cap. No bound when tis_cap is None.
       kl        = exp(ref - logp) - (ref - logp) - 1   (k3: >= 0, unbiased for KL(policy, ref))
-    The log-ratios logp - old and old - sampler are clamped to +-max_log_ratio first, ref - logp
-    only from above: k3's exp can overflow only there, and below (policy far above the reference)
-    k3 ~ -(ref - logp) - 1 and its gradient 1 - exp(ref - logp) stay finite and must not vanish.
+    The log-ratios logp - old and old - sampler (and a sequence's sum of the latter, clamped per
+    token) are clamped to +-max_log_ratio first, ref - logp only from above: k3's exp can overflow
+    only there, and below (policy far above the reference) k3 ~ -(ref - logp) - 1 and its
+    gradient 1 - exp(ref - logp) stay finite and must not vanish.
       loss_t    = -w * surrogate + beta * kl
     Aggregation (see LossConfig.aggregation): "token_mean" (DAPO) divides the sum over all masked
     tokens by their number; "sequence_mean" (GRPO) takes each sequence's masked mean, then the mean
@@ -95,7 +100,7 @@ def grpo_loss(inputs: LossInputs, cfg: LossConfig, *, max_tokens: int | None = N
 
     Args:
         inputs: Log-probabilities, advantages and mask, shapes asserted here.
-        cfg: Clip range, KL weight, aggregation and importance-weight cap.
+        cfg: Clip range, KL weight, aggregation, importance sampling mode and its cap.
         max_tokens: The longest completion the sampler could return (sampling.max_tokens), the
             constant of "token_sum", which needs it; the other aggregations ignore it.
 
@@ -129,9 +134,17 @@ def grpo_loss(inputs: LossInputs, cfg: LossConfig, *, max_tokens: int | None = N
     clipped_N_T = ratio_N_T.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * advantages_N_1
     surrogate_N_T = torch.minimum(unclipped_N_T, clipped_N_T)
 
+    if cfg.importance_sampling in ("sequence_truncate", "sequence_mask"):
+        # Padding holds 0, so the sum is over the completion's tokens. Clamped again: tokens within
+        # the bound one by one can sum past it; the whole sequence then counts as clamped.
+        log_is_N_1 = log_is_N_T.sum(dim=1, keepdim=True)
+        clamped_N_T = clamped_N_T | (log_is_N_1.abs() > bound)
+        log_is_N_T = log_is_N_1.clamp(-bound, bound).expand_as(log_is_N_T)
     is_weight_N_T = torch.exp(log_is_N_T)
-    if cfg.tis_cap is not None:
+    if cfg.tis_cap is not None and cfg.importance_sampling in ("token_truncate", "sequence_truncate"):
         is_weight_N_T = is_weight_N_T.clamp(max=cfg.tis_cap)
+    elif cfg.tis_cap is not None:
+        is_weight_N_T = torch.where(is_weight_N_T > cfg.tis_cap, 0.0, is_weight_N_T)
 
     kl_N_T = torch.exp(log_ratio_ref_N_T) - log_ratio_ref_N_T - 1
 

@@ -5,19 +5,22 @@ the policy trains on its own samples (staleness 0).
 
 One step off (`cfg.overlap`): as soon as step t's rollout is in, step t+1's prompts go to the
 servers, pinned to the version they serve then, and are sampled while step t scores, updates and
-publishes. Step t+1 then trains on samples one version older than its policy (staleness 1), and
-grpo_loss's importance weights against the sampler's log-probabilities correct for the difference
-as they correct for the sampler's own (`is_weight`, `is_weight_p99` in the metrics). A rollout more
-than `max_staleness` versions behind the policy when its step starts is dropped, its completions
-counted (`stale_dropped`), and its prompts sampled again from the live version; so is one a
-server refused because its version was replaced while it was in flight (RetiredVersionError: a
-prompt retried on another replica after the publish).
+publishes. Step t+1 then trains on samples one version older than its policy (staleness 1: one
+publish per step, so never more), and grpo_loss's importance weights against the sampler's
+log-probabilities correct for the difference as they correct for the sampler's own (`is_weight`,
+`is_weight_p99` in the metrics; LearnerConfig refuses them unbounded). A rollout a server refused
+because its version was replaced while it was in flight (RetiredVersionError: a prompt retried on
+another replica after the publish) is dropped, its completions counted (`stale_dropped`), and its
+prompts sampled again from the live version.
 
 The gain needs servers that do not share the learner's device: on one GPU the server sleeps while
 the learner trains (sleep_server), so there is nothing to overlap, and LearnerConfig refuses both.
 
 Checkpoints take the prompt sampler's position as of the last step taken (`state_dict`), not of
-the batch in flight: a resumed run samples that batch again, from the restored version.
+the batch in flight, and the version that batch was pinned to (`ahead_version`): a resumed run
+samples that batch again, from that version (`sample_ahead`, learner.loop), as the run it resumes
+did, so it trains on the same samples. It differs only where that run dropped the rollout after
+the checkpoint (a RetiredVersionError) and sampled it again from the next version.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class Sampled:
     staleness: int
     """Versions between the one that sampled `rollout` and the policy it trains (0: on-policy)."""
     stale_dropped: int
-    """Completions sampled (or asked for) for this step and dropped as too stale."""
+    """Completions asked for this step ahead and dropped: their version was replaced while in flight."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,14 @@ class _Batch:
     prompt_ids_P: list[list[int]]
     sampler_state: dict
     """The prompt sampler's state right after this batch was drawn (what a checkpoint keeps)."""
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    batch: _Batch
+    version: int
+    """The version its request is pinned to (0: the base)."""
+    rollout: Future[RolloutResponse]
 
 
 class Rollouts:
@@ -71,23 +82,35 @@ class Rollouts:
     ) -> None:
         self._server, self._prompts, self._encode, self._cfg, self._ranks = server, prompts, encode, cfg, ranks
         self._state = prompts.state_dict()
-        self._ahead: tuple[_Batch, Future[RolloutResponse]] | None = None
+        self._ahead: _Ahead | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead") if cfg.overlap else None
 
     def take(self, step: int) -> Sampled:
         """Step `step`'s prompts and completions; with overlap, asks for step + 1's before returning."""
         batch, rollout, dropped = self._next(step), None, 0
         if self._ahead is not None:
-            rollout, dropped = self._fresh_enough(batch, self._ahead[1])
+            rollout, dropped = self._unless_retired(batch, self._ahead.rollout)
             self._ahead = None
         if rollout is None:
             rollout = self._server.rollout(self._request(batch))
         self._state = batch.sampler_state
         if self._thread is not None and step < self._cfg.steps:
-            ahead = self._draw(step + 1)
-            self._ahead = (ahead, self._thread.submit(self._server.rollout, self._request(ahead)))
+            self._ask_ahead(step + 1)
         lag = self._server.versions_since(rollout.policy_version)
+        assert lag <= 1, f"step {step} sampled {lag} versions behind its policy: one publish per step allows 1"
         return Sampled(batch.rows, batch.prompt_ids_P, rollout, lag, dropped)
+
+    def sample_ahead(self, step: int) -> None:
+        """Sample step `step`'s prompts now, from the version live now, as if asked for ahead: a run
+        resumed with overlap samples the step the run it resumes had in flight at its checkpoint,
+        from the version that run sampled it from (learner.loop). Returns once they are sampled,
+        before another version goes live and retires this one."""
+        self._ask_ahead(step).result()
+
+    @property
+    def ahead_version(self) -> int | None:
+        """The version the rollout asked for ahead is pinned to (0: the base); None: none is."""
+        return None if self._ahead is None else self._ahead.version
 
     def state_dict(self) -> dict:
         """The prompt sampler's state after the last step taken (PromptSampler.state_dict): a run
@@ -100,31 +123,28 @@ class Rollouts:
         if self._thread is not None:
             self._thread.shutdown(wait=False, cancel_futures=True)
 
-    def _fresh_enough(self, batch: _Batch, ahead: Future[RolloutResponse]) -> tuple[RolloutResponse | None, int]:
+    def _unless_retired(self, batch: _Batch, ahead: Future[RolloutResponse]) -> tuple[RolloutResponse | None, int]:
         """The rollout of `batch` asked for ahead, and 0; or None (ask again) and how many
-        completions were dropped: its version was replaced while it was in flight, or is too far
-        behind the policy now."""
-        step, wanted = batch.step, len(batch.rows) * self._cfg.sampling.n
+        completions were dropped: its version was replaced while it was in flight."""
         try:
-            rollout = ahead.result()
+            return ahead.result(), 0
         except RetiredVersionError as e:
-            log.warning("step %d: the rollout asked for ahead is dropped and asked for again: %s", step, e)
-            return None, wanted
-        behind = self._server.versions_since(rollout.policy_version)
-        if behind <= self._cfg.max_staleness:
-            return rollout, 0
-        log.warning(
-            "step %d: its %d completions, %d versions behind the policy (max_staleness %d), are dropped and "
-            "asked for again",
-            step, wanted, behind, self._cfg.max_staleness,
-        )  # fmt: skip
-        return None, wanted
+            log.warning("step %d: the rollout asked for ahead is dropped and asked for again: %s", batch.step, e)
+            return None, len(batch.rows) * self._cfg.sampling.n
+
+    def _ask_ahead(self, step: int) -> Future[RolloutResponse]:
+        """Draw step `step`'s batch and ask for its rollout in the background, pinned to the live version."""
+        batch = self._draw(step)
+        request = self._request(batch)
+        version = request.version if request.adapter is not None else 0
+        self._ahead = _Ahead(batch, version, self._thread.submit(self._server.rollout, request))
+        return self._ahead.rollout
 
     def _next(self, step: int) -> _Batch:
         if self._ahead is None:
             return self._draw(step)
-        assert self._ahead[0].step == step, f"step {step} taken, step {self._ahead[0].step} asked for ahead"
-        return self._ahead[0]
+        assert self._ahead.batch.step == step, f"step {step} taken, step {self._ahead.batch.step} asked for ahead"
+        return self._ahead.batch
 
     def _draw(self, step: int) -> _Batch:
         rows = self._ranks.shard(self._prompts.next_batch())  # the same batches on every rank

@@ -68,6 +68,13 @@ nested field counts as its parent's). Everything else (the learning rate, the lo
 sampling, the local server's settings, the seed, the held-out split, fields added later) changes
 what the resumed steps compute, and is refused."""
 
+BEFORE_THE_SETTING = {"loss.importance_sampling": "token_truncate"}
+"""What the code did before a setting came with another default: a checkpoint that predates the
+setting ran with this value, not the default."""
+REMOVED = frozenset({"max_staleness"})
+"""Settings taken out that changed nothing a step computed (one step ahead, max_staleness never
+dropped a rollout): a checkpoint that has one differs in nothing."""
+
 FINGERPRINT_SAMPLES = 32
 _WHOLE = 4 * 2**20
 _PIECE = 64 * 2**10
@@ -100,12 +107,15 @@ class Comparison:
 def compare(old: dict[str, Any], new: dict[str, Any]) -> Comparison:
     """What differs from `old` (the checkpoint's identity) in `new` (the resuming run's): settings as
     'name: old -> new' in name order, then data files, then the model. A setting `old` predates is
-    no difference at its default (the checkpoint's run behaved as the default does)."""
+    no difference at its default (the checkpoint's run behaved as the default does), or at the
+    value BEFORE_THE_SETTING gives; a REMOVED one is none at all."""
     defaults = _flat(checkpoint.run_settings(LearnerConfig()))
     before, after = _flat(old["config"]), _flat(new["config"])
     comparison = Comparison()
     for name in sorted(before.keys() | after.keys()):
-        if name not in before and after[name] == defaults.get(name):
+        if name not in before and after[name] == BEFORE_THE_SETTING.get(name, defaults.get(name)):
+            continue
+        if name not in after and name in REMOVED:
             continue
         if before.get(name, _ABSENT) != after.get(name, _ABSENT):
             line = f"{name}: {_show(before.get(name, _ABSENT))} -> {_show(after.get(name, _ABSENT))}"

@@ -49,7 +49,7 @@ class StepFigures:
     """Versions between the one that sampled the completions and the policy they trained
     (learner.overlap; 0: on-policy)."""
     stale_dropped: int = 0
-    """Completions sampled for the step and dropped as too stale (learner.overlap)."""
+    """Completions asked for the step ahead and dropped, their version replaced in flight (learner.overlap)."""
 
     @classmethod
     def of(

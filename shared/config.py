@@ -155,7 +155,7 @@ class LoraConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """GRPO loss: clipped surrogate, k3 KL to the reference, truncated importance sampling."""
+    """GRPO loss: clipped surrogate, k3 KL to the reference, importance sampling against the sampler."""
 
     clip_eps_low: float = Field(0.2, ge=0, lt=1)
     """Lower clip: the ratio is clipped at 1 - clip_eps_low."""
@@ -168,8 +168,13 @@ class LossConfig(_Strict):
     their number; sequence_mean (GRPO), each sequence's token mean, then the mean over sequences
     (a short completion's tokens weigh more); token_sum (Dr. GRPO), sum / (N sequences *
     sampling.max_tokens), a constant, so no token's weight depends on any completion's length."""
+    importance_sampling: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "sequence_mask"
+    """How exp(old - sampler) weighs the loss, as TRL's vllm_importance_sampling_mode (and its
+    default): token_* one weight per token, sequence_* one per sequence, exp of the sum of its
+    tokens' old - sampler; *_truncate caps a weight at tis_cap, *_mask sets one above it to 0."""
     tis_cap: float | None = Field(2.0, gt=0)
-    """Truncated importance sampling cap on exp(old - sampler) per token; None turns it off."""
+    """The importance weights' upper bound (TRL's vllm_importance_sampling_clip_max); None: no
+    bound, refused with overlap."""
     max_log_ratio: float = Field(20.0, gt=0)
     """Log-ratios are clamped to +-this before exp (counted in `clamped_tokens`), so one extreme
     token cannot overflow the loss and skip the step; the KL's ref - logp only from above, the side
@@ -298,11 +303,9 @@ class LearnerConfig(_Strict):
     overlap: bool = False
     """One-step-off: sample step t+1 (from the version before step t's update) while step t
     trains, so sampling and training overlap; the importance weights against the sampler's
-    log-probabilities correct for the one version of lag (see learner.overlap). Needs servers on
-    other devices than the learner: sleep_server off."""
-    max_staleness: int = Field(1, ge=1)
-    """With overlap: a rollout more than this many versions behind the policy it would train is
-    dropped (counted in `stale_dropped`) and its prompts sampled again from the live version."""
+    log-probabilities correct for the one version of lag (see learner.overlap; loss.tis_cap must
+    bound them). A resume samples the step in flight from the version it was pinned to, as the run
+    it resumes did. Needs servers on other devices than the learner: sleep_server off."""
     sleep_lease_s: float = Field(900.0, gt=0)
     """A sleeping server wakes by itself this long after the learner's /sleep, so a learner that
     dies (kill -9) cannot leave it asleep; longer than a step's scoring and update."""
@@ -413,6 +416,15 @@ class LearnerConfig(_Strict):
             raise ValueError(
                 "overlap samples while the learner trains, and a sleeping server samples nothing: set "
                 "sleep_server false (--no-sleep-server), with the servers on other devices than the learner"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _overlap_with_bounded_weights(self) -> LearnerConfig:
+        if self.overlap and self.loss.tis_cap is None:
+            raise ValueError(
+                "overlap trains on samples one version behind the policy, whose importance weights "
+                f"exp(old - sampler) reach e^{self.loss.max_log_ratio:g} unbounded: set loss.tis_cap"
             )
         return self
 

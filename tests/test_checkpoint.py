@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,27 @@ def test_a_checkpoint_from_another_output_dir_brings_its_adapter(tiny_model_dir:
     assert state.adapter == second / "adapters" / "v000005"
     got, want = load_file(state.adapter / "adapter_model.safetensors"), load_file(adapter / "adapter_model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_an_overlap_checkpoint_names_the_version_its_next_step_was_sampled_from(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After step 2, step 3 was in flight from version 1 (learner.overlap): the checkpoint names it
+    (adapter retention keeps it), and a resume serves it first if it is still there."""
+    cfg = LearnerConfig(output_dir=tmp_path, overlap=True, sleep_server=False, resume="auto")
+    policy, optimizer, prompts = trained(tiny_model_dir, cfg)
+    for version in (1, 2):
+        adapter = save_adapter(policy, tmp_path / "adapters", version)
+    path = checkpoint.save(tmp_path / "checkpoints", TrainState(2, 2, adapter, 1), policy, optimizer, prompts)
+    saved = json.loads((path / checkpoint.STATE_FILE).read_text())
+    assert (saved["overlap_sampled_version"], saved["overlap_sampled_adapter"]) == (1, "v000001")
+    assert checkpoint.served_versions(tmp_path) == {1, 2}
+
+    assert checkpoint.restore(cfg, *trained(tiny_model_dir, cfg, steps=0)) == TrainState(2, 2, adapter, 1)
+    shutil.rmtree(tmp_path / "adapters" / "v000001")  # deleted by hand: step 3 can only sample version 2
+    with caplog.at_level(logging.WARNING, logger="learner"):
+        assert checkpoint.restore(cfg, *trained(tiny_model_dir, cfg, steps=0)).sampled_version is None
+    assert "v000001 is gone: step 3 is sampled from version 2, not from version 1" in caplog.text
 
 
 def test_save_is_atomic_a_failed_write_leaves_nothing_resume_would_pick(tiny_model_dir: Path, tmp_path: Path) -> None:

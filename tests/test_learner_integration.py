@@ -196,7 +196,7 @@ def test_the_cli_trains_on_parquet_chat_prompts_with_a_reward_function_by_path_a
     assert {"reward_mean", "eval/reward_mean", "rewards/exact_match/mean"} <= set(events.Tags()["scalars"])
 
 
-def test_one_step_off_overlap_trains_each_step_one_version_behind_within_the_bound(
+def test_one_step_off_overlap_trains_each_step_one_version_behind(
     tiny_model_dir: Path, run_dir: Path, client: RolloutClient
 ) -> None:
     """--overlap: step t + 1 samples during step t (from the version before its update), while

@@ -227,16 +227,77 @@ def test_token_sum_needs_max_tokens_at_least_every_length() -> None:
         (None, [3.0, 1.5]),  # no cap: the raw importance weights
     ],
 )
-def test_truncated_importance_weight(tis_cap: float | None, weights: list[float]) -> None:
+def test_token_truncate_importance_weight(tis_cap: float | None, weights: list[float]) -> None:
     # r = 1, A = 1, beta = 0: per-token loss = -w; loss = -mean(w); grad = -w / 2 (w is constant).
     gaps = [math.log(3.0), math.log(1.5)]
     inputs, learner_N_T = _inputs(log_ratio=[[0.0, 0.0]], advantages=[1.0], old_minus_sampler=[gaps])
-    out = grpo_loss(inputs, LossConfig(beta=0.0, tis_cap=tis_cap))
+    out = grpo_loss(inputs, LossConfig(beta=0.0, tis_cap=tis_cap, importance_sampling="token_truncate"))
     out.loss.backward()
     torch.testing.assert_close(out.loss, _t(-sum(weights) / 2))
     torch.testing.assert_close(out.is_weight_mean, sum(weights) / 2)
     torch.testing.assert_close(out.sampler_gap, sum(gaps) / 2)
     torch.testing.assert_close(learner_N_T.grad, _t([[-w / 2 for w in weights]]))
+
+
+def test_token_mask_importance_weight() -> None:
+    # The tokens of test_token_truncate_importance_weight, cap 2: exp(ln3) = 3 > 2 is set to 0 (not
+    # to 2), 1.5 is kept. r = 1, A = 1, beta = 0: loss = -(0 + 1.5) / 2 = -0.75, grad = -w / 2.
+    gaps = [math.log(3.0), math.log(1.5)]
+    inputs, learner_N_T = _inputs(log_ratio=[[0.0, 0.0]], advantages=[1.0], old_minus_sampler=[gaps])
+    out = grpo_loss(inputs, LossConfig(beta=0.0, tis_cap=2.0, importance_sampling="token_mask"))
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, _t(-0.75))
+    torch.testing.assert_close(out.is_weight_M, _t([0.0, 1.5]))
+    torch.testing.assert_close(learner_N_T.grad, _t([[0.0, -0.75]]))
+
+
+# Three sequences of two completion tokens each; the third position is padding, and row 0's holds a
+# gap of 50 that must not enter its sum. Sequence log-ratios, sum of old - sampler over the tokens:
+#   row 0: ln1.5 + ln1.2 = ln1.8   -> 1.8 (under the cap 2)
+#   row 1: ln3 - ln2     = ln1.5   -> 1.5 (token-level, its first token alone would be 3, over the cap)
+#   row 2: ln2 + ln2     = ln4     -> 4   (over the cap)
+SEQUENCE_GAPS = [[math.log(1.5), math.log(1.2), 50.0], [math.log(3.0), -LN2, 0.0], [LN2, LN2, 0.0]]
+SEQUENCE_MASK = [[True, True, False]] * 3
+
+
+def test_sequence_truncate_importance_weight() -> None:
+    # Each sequence's weight, capped at 2, on each of its tokens: [1.8, 1.5, 2]. r = 1, A = 1,
+    # beta = 0: per-token loss = -w; token_mean over 6 tokens: -(2*1.8 + 2*1.5 + 2*2) / 6 = -10.6 / 6,
+    # grad = -w / 6.
+    inputs, learner_N_T = _inputs(
+        log_ratio=[[0.0] * 3] * 3, advantages=[1.0] * 3, old_minus_sampler=SEQUENCE_GAPS, mask=SEQUENCE_MASK
+    )
+    out = grpo_loss(inputs, LossConfig(beta=0.0, tis_cap=2.0, importance_sampling="sequence_truncate"))
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, _t(-10.6 / 6))
+    torch.testing.assert_close(out.is_weight_M, _t([1.8, 1.8, 1.5, 1.5, 2.0, 2.0]))
+    torch.testing.assert_close(
+        learner_N_T.grad, _t([[-w / 6 for w in (1.8, 1.8, 0.0)], [-1.5 / 6] * 2 + [0.0]] + [[-2 / 6] * 2 + [0.0]])
+    )
+
+
+def test_sequence_mask_importance_weight_is_the_default() -> None:
+    # TRL's default (vllm_importance_sampling_mode="sequence_mask"): a sequence whose weight is over
+    # the cap (2, the default) gets weight 0 on all its tokens: [1.8, 1.5, 0]. loss =
+    # -(2*1.8 + 2*1.5 + 0) / 6 = -1.1; row 2 gets no gradient.
+    inputs, learner_N_T = _inputs(
+        log_ratio=[[0.0] * 3] * 3, advantages=[1.0] * 3, old_minus_sampler=SEQUENCE_GAPS, mask=SEQUENCE_MASK
+    )
+    out = grpo_loss(inputs, LossConfig(beta=0.0))
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, _t(-1.1))
+    torch.testing.assert_close(out.is_weight_M, _t([1.8, 1.8, 1.5, 1.5, 0.0, 0.0]))
+    torch.testing.assert_close(learner_N_T.grad, _t([[-1.8 / 6] * 2 + [0.0], [-1.5 / 6] * 2 + [0.0], [0.0] * 3]))
+
+
+def test_sequence_log_ratio_is_clamped_and_counted() -> None:
+    # Tokens of gap 15 are under max_log_ratio 20 one by one, but their sum, 30, is not: the
+    # sequence's log-ratio is clamped to 20 (w = e^20, no cap), and both its tokens counted.
+    # r = 1, A = 1, beta = 0: loss = -e^20 (the mean of two tokens of weight e^20).
+    inputs, _ = _inputs(log_ratio=[[0.0, 0.0]], advantages=[1.0], old_minus_sampler=[[15.0, 15.0]])
+    out = grpo_loss(inputs, LossConfig(beta=0.0, tis_cap=None, importance_sampling="sequence_truncate"))
+    assert out.clamped_tokens == 2
+    torch.testing.assert_close(out.loss, _t(-math.exp(20.0)))
 
 
 def test_rejects_mismatched_shapes() -> None:
@@ -259,7 +320,9 @@ def test_extreme_log_ratios_are_clamped_and_counted() -> None:
         ref_minus_learner=[[100.0, 0.0, 0.0]],
         old_minus_sampler=[[0.0, -50.0, 0.0]],
     )
-    out = grpo_loss(inputs, LossConfig(beta=1.0, tis_cap=None, max_log_ratio=20.0))
+    out = grpo_loss(
+        inputs, LossConfig(beta=1.0, tis_cap=None, max_log_ratio=20.0, importance_sampling="token_truncate")
+    )
     assert out.clamped_tokens == 2
     k3 = math.exp(20.0) - 21.0
     # loss_t = -w * r * A + k3_t with r = 1, A = 1: (-1 + k3) + (-exp(-20)) + (-1), over 3 tokens

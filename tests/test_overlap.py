@@ -3,6 +3,8 @@ how far behind it is, what is dropped, and where a checkpoint leaves the data.""
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
+from learner import loop
+from learner.model import load_policy
 from learner.overlap import Rollouts
 from learner.prompts import PromptEncoder, PromptSampler, UnsupervisedRow
 from learner.server_link import ServerLink
@@ -71,19 +75,6 @@ def test_each_step_trains_on_the_version_before_the_last_update_with_the_prompts
     assert sorted(pinned, key=str) == sorted([(None, None)] * 4 + [("policy", 1)] * 2 + [("policy", 2)] * 2, key=str)
 
 
-def test_a_rollout_more_versions_behind_than_the_bound_is_dropped_counted_and_sampled_again(
-    tmp_path: Path, tokenizer
-) -> None:
-    rollouts, link, servers = rollouts_over(tmp_path, tokenizer, overlap=True)
-    rollouts.take(1)
-    wait_for_requests(servers, 4)  # step 2's prompts, from the base
-    link.publish(save(tmp_path, 1, b"one"), 1)
-    link.publish(save(tmp_path, 2, b"two"), 2)  # two versions went live: step 2's samples are 2 behind
-    second = rollouts.take(2)
-    assert second.stale_dropped == 4  # 2 prompts x n=2
-    assert (second.rollout.policy_version, second.staleness) == (2, 0)  # asked again, from the live version
-
-
 def test_a_rollout_whose_version_was_replaced_in_flight_is_dropped_and_sampled_again(tmp_path: Path, tokenizer) -> None:
     rollouts, link, servers = rollouts_over(tmp_path, tokenizer, overlap=True)
     link.publish(save(tmp_path, 1, b"one"), 1)
@@ -112,7 +103,72 @@ def test_a_checkpoint_holds_the_data_position_of_the_last_step_taken_not_of_the_
     assert resumed.next_batch() == rollouts.take(2).rows  # the batch that was in flight comes next
 
 
+def overlap_run(model_dir: Path, output_dir: Path, **cfg) -> tuple[list[tuple[int, int]], list[int]]:
+    """Steps 1-4 of an overlap run over two scripted servers sharing its adapter folder, a checkpoint
+    after each: the (step, version) every prompt was sampled from, and each step's staleness logged."""
+    cfg = LearnerConfig(
+        overlap=True,
+        sleep_server=False,
+        steps=4,
+        prompts_per_step=2,
+        sampling={"n": 2, "max_tokens": 1, "seed": 7},
+        output_dir=output_dir,
+        save_steps=1,
+        save_total_limit=4,
+        sample_every=0,
+        **cfg,
+    )
+    policy, tokenizer = load_policy(str(model_dir), cfg)
+    servers = [ScriptedServer(f"http://replica-{i}", output_dir / "adapters") for i in range(2)]
+    loop.run(cfg, ROWS, policy, tokenizer, servers)
+    stride = cfg.prompts_per_step * cfg.sampling.n  # seeds per step: a request's seed tells its step
+    sampled = [(1 + (r.seed - 7) // stride, r.version or 0) for s in servers for r in s.rollouts]
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return sorted(sampled), [row["staleness"] for row in rows if "staleness" in row]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list, list[int]]:
+    """An overlap run of 4 steps, never stopped: its output_dir, what it sampled, its staleness."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    return output_dir, *overlap_run(tiny_model_dir, output_dir)
+
+
+@pytest.mark.parametrize("resumed_after", [1, 2])
+def test_a_resumed_run_samples_the_step_that_was_in_flight_from_the_version_the_uninterrupted_run_did(
+    tiny_model_dir: Path, tmp_path: Path, uninterrupted: tuple[Path, list, list[int]], resumed_after: int
+) -> None:
+    first_run, sampled, staleness = uninterrupted
+    # Step t + 1 was asked for during step t from version t - 1 (0: the base, for steps 1 and 2).
+    assert sampled == [(1, 0), (1, 0), (2, 0), (2, 0), (3, 1), (3, 1), (4, 2), (4, 2)]
+    assert staleness == [0, 1, 1, 1]
+    output_dir = tmp_path / "run"
+    shutil.copytree(first_run, output_dir)  # killed after step 4: the resume rolls it back
+    # What retention keeps and a resume serves first: the version the step in flight was pinned to.
+    checkpointed = output_dir / "checkpoints" / f"step-{resumed_after:06d}"
+    pinned = json.loads((checkpointed / "trainer_state.json").read_text())["overlap_sampled_adapter"]
+    assert pinned == (None if resumed_after == 1 else f"v{resumed_after - 1:06d}")
+
+    resumed, staleness = overlap_run(tiny_model_dir, output_dir, resume=str(checkpointed))
+
+    assert resumed == [sample for sample in sampled if sample[0] > resumed_after]
+    assert staleness == [0, 1, 1, 1]  # the rows kept, then the resumed run's, as the uninterrupted run's
+
+
 def test_overlap_refuses_a_server_put_to_sleep() -> None:
     with pytest.raises(ValidationError, match="sleep_server false"):
         LearnerConfig(overlap=True)
-    assert LearnerConfig(overlap=True, sleep_server=False).max_staleness == 1
+
+
+def test_overlap_refuses_uncapped_importance_weights() -> None:
+    # One version behind, exp(old - sampler) is no longer near 1: uncapped, one sequence could weigh e^20.
+    with pytest.raises(ValidationError, match="tis_cap"):
+        LearnerConfig(overlap=True, sleep_server=False, loss={"tis_cap": None})
+    assert LearnerConfig(sleep_server=False, loss={"tis_cap": None}).loss.tis_cap is None  # on-policy: allowed
+
+
+def test_there_is_no_staleness_bound_to_set() -> None:
+    # One step ahead, a rollout is at most one version behind when its step starts (staleness 0 or
+    # 1, logged): a bound of 1 or more never dropped anything, and 0 would drop every rollout.
+    with pytest.raises(ValidationError, match="max_staleness"):
+        LearnerConfig(overlap=True, sleep_server=False, max_staleness=1)

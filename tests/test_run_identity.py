@@ -105,6 +105,23 @@ def test_a_setting_the_checkpoint_predates_is_no_change_at_its_default(run) -> N
     assert run_identity.compare(old, changed).refused == ["reference: (absent) -> 'base'"]
 
 
+def test_a_checkpoint_from_before_importance_sampling_ran_token_truncate_and_its_max_staleness_did_nothing(
+    run,
+) -> None:
+    # loss.importance_sampling came with a default (sequence_mask, TRL's) other than what the code
+    # did before (token_truncate); max_staleness went (one step ahead, it never dropped a rollout).
+    cfg, model = run
+    old = json.loads(json.dumps(identity_of(cfg, model)))
+    del old["config"]["loss"]["importance_sampling"]
+    old["config"]["max_staleness"] = 1
+    new = identity_of(cfg, model)
+    assert run_identity.compare(old, new).refused == ["loss.importance_sampling: (absent) -> 'sequence_mask'"]
+    as_before = identity_of(
+        cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"importance_sampling": "token_truncate"})}), model
+    )
+    assert run_identity.compare(old, as_before).refused == []
+
+
 def test_checked_refuses_an_unsafe_resume_unless_allowed_and_logs_the_changes(
     run, caplog: pytest.LogCaptureFixture
 ) -> None:
