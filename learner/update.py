@@ -36,6 +36,9 @@ class UpdateStats:
     """Median truncated importance weight."""
     is_weight_p99: float
     """99th percentile truncated importance weight."""
+    is_masked: float
+    """Fraction of tokens whose importance weight is 0: masked (loss.importance_sampling *_mask),
+    as over the cap. Near 1, the sampler and the learner disagree and almost nothing trains."""
     clamped_tokens: int
     """Tokens whose log-ratios were clamped before exp (see LossConfig.max_log_ratio)."""
     grad_norm: float
@@ -132,7 +135,9 @@ def policy_update(
     figures = dict(zip(sums, ranks.sum_floats(list(sums.values())), strict=True))
     clamped, ranks_not_finite = ranks.sum_ints([clamped, int(not finite)])
     gap_p50, gap_p99 = _percentiles(ranks.gather(_cat(gaps_M)))
-    is_p50, is_p99 = _percentiles(ranks.gather(_cat(is_weights_M)))
+    all_is_weights_M = ranks.gather(_cat(is_weights_M))
+    is_p50, is_p99 = _percentiles(all_is_weights_M)
+    is_masked = (all_is_weights_M == 0).float().mean().item() if all_is_weights_M.numel() else math.nan
     grad_norm = math.nan
     if ranks_not_finite == 0:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -148,6 +153,7 @@ def policy_update(
         sampler_gap_p99=gap_p99,
         is_weight_p50=is_p50,
         is_weight_p99=is_p99,
+        is_masked=is_masked,
         clamped_tokens=clamped,
         grad_norm=grad_norm,
         skipped=skipped,

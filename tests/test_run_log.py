@@ -28,6 +28,7 @@ STATS = UpdateStats(
     sampler_gap_p99=0.002,
     is_weight_p50=1.0,
     is_weight_p99=1.0,
+    is_masked=0.0,
     clamped_tokens=0,
     grad_norm=0.5,
     skipped=False,

@@ -140,3 +140,16 @@ def test_a_batch_of_empty_completions_steps_with_a_zero_gradient(setup) -> None:
     )
     assert not stats.skipped and stats.grad_norm == 0.0 and stats.loss == 0.0
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters() if p.requires_grad)
+
+
+def test_the_masked_fraction_counts_the_tokens_importance_sampling_masked(setup) -> None:
+    """sequence_mask (TRL's default): a completion whose sampler log-probabilities sum to more than
+    ln(tis_cap) below the learner's gets weight 0 on all its tokens; is_masked reports it."""
+    policy, optimizer, cfg = setup
+    learner = [completion_logprob(policy, c) / 3 for c in (GOOD, BAD)]
+    # GOOD sampled as the learner scores it (weight 1); BAD 1 nat per token lower: exp(3) > 2, masked
+    sampler = [[learner[0]] * 3, [learner[1] - 1.0] * 3]
+    stats = policy_update(
+        policy, optimizer, [PROMPT, PROMPT], [GOOD, BAD], sampler, torch.tensor([1.0, -1.0]), cfg, pad_id=0
+    )
+    assert stats.is_masked == pytest.approx(0.5)  # 3 of the 6 tokens
