@@ -68,44 +68,13 @@ def test_adapters_are_saved_as_new_versions_never_over_an_old_one(setup, tmp_pat
     assert sorted(p.name for p in root.iterdir()) == ["v000001", "v000002"]  # no temp dir left behind
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "token_sum"])
-def test_micro_batches_accumulate_to_the_whole_batch_gradient(tiny_model_dir: Path, aggregation: str) -> None:
-    # Completions of 1, 3 and 5 tokens, split into micro-batches of 1 or taken whole: each part's
-    # loss is normalised over the part, so only weighting it by its share of the batch's
-    # normaliser (tokens, non-empty sequences, or sequences times max_tokens) gives the same step.
-    # Plain SGD without clipping, so the weight change is -lr * gradient, scale included.
-    completions = [[9], [10, 11, 0], [12, 13, 14, 15, 0]]
+def sgd_steps_by_micro_batch(
+    tiny_model_dir: Path, completions: list[list[int]], aggregation: str
+) -> tuple[list[torch.Tensor], list[float]]:
+    """One update of 3 completions with advantages 1, -0.5, 2, in micro-batches of 1 and then of 3,
+    each from the same fresh policy: the LoRA weight changes and losses of both. Plain SGD without
+    clipping, so a weight change is -lr * gradient, scale included."""
     deltas, losses = [], []
-    for micro_batch_size in (1, 3):
-        cfg = LearnerConfig(
-            micro_batch_size=micro_batch_size,
-            max_grad_norm=1e9,
-            loss={"beta": 0.1, "aggregation": aggregation},
-            sampling={"max_tokens": 8},
-        )
-        policy, _ = load_policy(str(tiny_model_dir), cfg)
-        optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1.0)
-        before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-        sampler = [[completion_logprob(policy, c) / len(c)] * len(c) for c in completions]
-        stats = policy_update(
-            policy, optimizer, [PROMPT] * 3, completions, sampler, torch.tensor([1.0, -0.5, 2.0]), cfg, pad_id=0
-        )
-        assert not stats.skipped
-        after = dict(policy.named_parameters())
-        deltas.append(torch.cat([(after[n].detach() - p).flatten() for n, p in before.items()]))
-        losses.append(stats.loss)
-    assert deltas[0].abs().max() > 0
-    torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "token_sum"])
-def test_an_all_empty_micro_batch_adds_nothing(tiny_model_dir: Path, aggregation: str) -> None:
-    # The middle completion is empty: with micro-batches of 1 it is a micro-batch with no scored
-    # token, whose loss is 0 with a zero gradient, so the step is that of the whole batch of 3 in
-    # one micro-batch (where the empty row is only padding). Plain SGD without clipping, as above.
-    completions = [[9], [], [10, 11, 0]]
-    deltas = []
     for micro_batch_size in (1, 3):
         cfg = LearnerConfig(
             micro_batch_size=micro_batch_size,
@@ -123,7 +92,27 @@ def test_an_all_empty_micro_batch_adds_nothing(tiny_model_dir: Path, aggregation
         assert not stats.skipped
         after = dict(policy.named_parameters())
         deltas.append(torch.cat([(after[n].detach() - p).flatten() for n, p in before.items()]))
+        losses.append(stats.loss)
     assert deltas[0].abs().max() > 0
+    return deltas, losses
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "token_sum"])
+def test_micro_batches_accumulate_to_the_whole_batch_gradient(tiny_model_dir: Path, aggregation: str) -> None:
+    # Completions of 1, 3 and 5 tokens, split into micro-batches of 1 or taken whole: each part's
+    # loss is normalised over the part, so only weighting it by its share of the batch's
+    # normaliser (tokens, non-empty sequences, or sequences times max_tokens) gives the same step.
+    deltas, losses = sgd_steps_by_micro_batch(tiny_model_dir, [[9], [10, 11, 0], [12, 13, 14, 15, 0]], aggregation)
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "token_sum"])
+def test_an_all_empty_micro_batch_adds_nothing(tiny_model_dir: Path, aggregation: str) -> None:
+    # The middle completion is empty: with micro-batches of 1 it is a micro-batch with no scored
+    # token, whose loss is 0 with a zero gradient, so the step is that of the whole batch of 3 in
+    # one micro-batch (where the empty row is only padding).
+    deltas, _ = sgd_steps_by_micro_batch(tiny_model_dir, [[9], [], [10, 11, 0]], aggregation)
     # The deltas reach ~0.5; the padded whole batch and the separate micro-batches sum in other
     # orders, ~1e-7 apart in float32 (measured up to 4.8e-7), so atol 1e-6 (2e-6 of the largest).
     torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-4, atol=1e-6)
