@@ -2,10 +2,11 @@
 after the other in one run, then one markdown table. Prints figures; asserts nothing.
 
     make bench-compare [BENCH_ARGS="--steps 3"]     # sets up bench/.venv-trl (TRL) once, then runs this
-    .venv/bin/python bench/compare_trl.py [--steps 10] [--sizes tiny 25m]
+    .venv/bin/python bench/compare_trl.py [--steps 10] [--runs tiny:32 25m:32 25m:256]
 
 Workload, per optimizer step: 4 prompts of examples/unsupervised.jsonl x K=8 = 32 completions of
-at most 32 new tokens at temperature 1; LoRA r=8, alpha 16, dropout 0 on every linear layer; beta
+at most 32 new tokens (or 256: --runs SIZE:TOKENS; GRPO users sample hundreds of tokens, where
+generation's share grows) at temperature 1; LoRA r=8, alpha 16, dropout 0 on every linear layer; beta
 0.04; learning rate 1e-4, constant; reward = minus the mean NLL of the completion under the policy
 (grpo-learner's unsupervised mode; on the TRL side a reward function doing the same forward, no
 grad). Both systems take the prompts in the same order (grpo-learner's PromptSampler), use seed 0,
@@ -26,13 +27,19 @@ Models: "tiny", the bundled Qwen2 (build_tiny_model, seed 0, no warm-up, ~0.6M p
   starts its own rollout server. Its phases are whatever time_* keys its metrics.jsonl has, plus
   "other" (the rest of the step's wall time: logging, checkpoints).
 
-Per model and system: the median seconds per step over --steps steps after one warm-up step,
+Per run (model and completion length) and system: the median seconds per step over --steps steps after one warm-up step,
 completions/s at that median, the median of each phase, the reward mean of the first steps (the
 warm-up included: the reward is the same function on both sides, so the curves should lie in the
 same range), and the peak resident memory (MiB) of every process (bench/peak_rss.py): the TRL
 process; the learner, and its rollout server: the server's process tree together, then its API
 process, vLLM's engine core and worker, and the helpers (multiprocessing's resource tracker, and
 the C++ compilers torch runs when vLLM compiles the model); "all", every process of the run together.
+
+Below the table, per run: TRL's s/step over grpo-learner's (the speed-up), and the floor of the
+learner's update on this machine: the FLOPs of its passes (the reference forward, the policy forward,
+the backward through the frozen base for the LoRA gradients: 2 + 2 + 2 = 6 x parameters x tokens,
+the tokens being every completion's prompt and completion as metrics.jsonl counts them) at the
+matmul throughput measured here (float32, the model's hidden size, the torch threads in use).
 
 A second table, on the tiny model against a rollout server started here with the learner's local
 server's settings: the server's overhead over vLLM's AsyncLLM called directly with the same
@@ -131,8 +138,14 @@ class RunFigures:
 
 
 def build_qwen2_25m(out: Path) -> Path:
-    """A seeded random Qwen2 of ~25M parameters with the tiny model's tokenizer, built once into `out`
-    (written beside it, then renamed: a directory there is complete)."""
+    """A seeded random Qwen2 of ~25M parameters with the tiny model's tokenizer, built once into `out`."""
+    return build_qwen2(out, hidden=512, intermediate=1280, layers=8, heads=8)
+
+
+def build_qwen2(out: Path, *, hidden: int, intermediate: int, layers: int, heads: int) -> Path:
+    """A seeded random Qwen2 of this shape (heads of 64: vLLM's CPU attention needs head_dim 64) with
+    the tiny model's tokenizer, built once into `out` (written beside it, then renamed: a directory
+    there is complete)."""
     if out.is_dir():
         return out
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -144,11 +157,11 @@ def build_qwen2_25m(out: Path) -> Path:
     ids["pad_token_id"] = tokenizer.pad_token_id
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1280,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=512,
         tie_word_embeddings=False,  # as the tiny qwen2
         use_sliding_window=False,
@@ -334,7 +347,8 @@ def training_table(runs: dict[str, list[RunFigures]], params: dict[str, int], w:
         f"| reward mean, steps 1-{min(REWARD_STEPS, steps + 1)} | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for size, figures in runs.items():
+    for key, figures in runs.items():
+        size = key.split(" ", 1)[0]
         for f in figures:
             median = statistics.median(f.seconds)
             names = list(dict.fromkeys(k for p in f.phases for k in p))
@@ -344,7 +358,7 @@ def training_table(runs: dict[str, list[RunFigures]], params: dict[str, int], w:
             if len(f.memory) > 1:
                 memory += f"; all {f.memory_all / MIB:.0f}"
             lines.append(
-                f"| {size} ({params[size] / 1e6:.2f}M) | {f.system} | {median:.3f} | {w.completions / median:.1f} "
+                f"| {key} ({params[size] / 1e6:.2f}M) | {f.system} | {median:.3f} | {w.completions / median:.1f} "
                 f"| {phases} | {rewards} | {memory} |"
             )
     return "\n".join(lines)
@@ -389,11 +403,58 @@ def serving_table(figures: dict, w: Workload, repeats: int) -> str:
 # --- main -----------------------------------------------------------------------------------------
 
 
+def run_spec(text: str) -> tuple[str, int]:
+    """'25m:256' -> ('25m', 256)."""
+    size, _, tokens = text.partition(":")
+    if size not in ("tiny", "25m") or not tokens.isdigit() or int(tokens) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SIZE:TOKENS, SIZE tiny or 25m, e.g. 25m:256")
+    return size, int(tokens)
+
+
+def matmul_gflops(hidden: int, rows: int = 2048, repeats: int = 5) -> float:
+    """float32 matmul throughput here: [rows, hidden] x [hidden, 4 * hidden], the best of `repeats`."""
+    a, b = torch.randn(rows, hidden), torch.randn(hidden, 4 * hidden)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * rows * hidden * 4 * hidden / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def update_floor_s(run_dir: Path, params: int, gflops: float, prompt_tokens: float, completions: int) -> float:
+    """Seconds the learner's update takes at least: 6 x params x tokens (reference forward, policy
+    forward, backward through the base) at `gflops`, tokens from metrics.jsonl's completion_len."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    completion_tokens = statistics.median(r["completion_len"] for r in rows)
+    return 6 * params * completions * (prompt_tokens + completion_tokens) / (gflops * 1e9)
+
+
+def speed_lines(runs: dict[str, list[RunFigures]], floors: dict[str, float]) -> str:
+    lines = []
+    for key, (trl, ours) in runs.items():
+        ratio = statistics.median(trl.seconds) / statistics.median(ours.seconds)
+        update = statistics.median(p.get("update", 0.0) for p in ours.phases)
+        lines.append(
+            f"{key}: grpo-learner {ratio:.2f}x TRL's speed; its update {update:.2f} s, floor {floors[key]:.2f} s "
+            f"(6 x params x tokens at this machine's float32 matmul throughput)"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="measured steps per run, after 1 warm-up step")
     parser.add_argument(
-        "--sizes", nargs="*", choices=("tiny", "25m"), default=["tiny", "25m"], help="models (none: serving only)"
+        "--runs",
+        nargs="*",
+        type=run_spec,
+        default=[("tiny", 32), ("25m", 32), ("25m", 256)],
+        metavar="SIZE:TOKENS",
+        help="model (tiny or 25m) and completion length of each run (none: serving only)",
     )
     parser.add_argument("--serving-repeats", type=int, default=10, help="timed hot-swaps")
     parser.add_argument(
@@ -415,36 +476,47 @@ def main() -> None:
         "tiny": lambda: build_tiny_model(work / "models/tiny", seed=0),
         "25m": lambda: build_qwen2_25m(work / "models/qwen2-25m"),
     }
-    models = {size: builders[size]() for size in args.sizes}
+    models = {size: builders[size]() for size in dict.fromkeys(size for size, _ in args.runs)}
     params = {size: parameter_count(path) for size, path in models.items()}
     sampler = PromptSampler(load_rows(DATA, "unsupervised"), w.prompts_per_step, w.seed)
     prompts = [row.text for _ in range(steps) for row in sampler.next_batch()]
+    tokenizer = AutoTokenizer.from_pretrained(next(iter(models.values()))) if models else None
+    prompt_tokens = statistics.mean(len(tokenizer(p)["input_ids"]) for p in prompts) if tokenizer else 0.0
 
     runs: dict[str, list[RunFigures]] = {}
-    for size, model_dir in models.items():
-        runs[size] = []
+    workloads: dict[str, Workload] = {}
+    floors: dict[str, float] = {}
+    for size, tokens in args.runs:
+        key = f"{size} at {tokens} tokens"
+        workloads[key] = run_w = Workload(max_tokens=tokens)
+        runs[key] = []
         for system in ("trl", "grpo-learner"):
-            out = work / size / system
+            out = work / f"{size}-{tokens}" / system
             shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl and adapter versions would carry on
             out.mkdir(parents=True)
             # Other processes on the CPUs slow both systems: the load average says whether any ran.
             load = os.getloadavg()[0]
             print(
-                f"[bench-compare] {system} on {size}: {steps} steps (load average {load:.2f}; log in {out})", flush=True
+                f"[bench-compare] {system} on {key}: {steps} steps (load average {load:.2f}; log in {out})", flush=True
             )
             if system == "trl":
-                runs[size].append(run_trl(args.trl_python, model_dir, out, prompts, w, steps, threads))
+                runs[key].append(run_trl(args.trl_python, models[size], out, prompts, run_w, steps, threads))
             else:
-                runs[size].append(run_learner(model_dir, out, w, steps))
+                runs[key].append(run_learner(models[size], out, run_w, steps))
+        hidden = json.loads((models[size] / "config.json").read_text())["hidden_size"]
+        floors[key] = update_floor_s(out / "run", params[size], matmul_gflops(hidden), prompt_tokens, w.completions)
 
     # The training figures are kept and shown before the serving ones are taken: a failure there
     # loses nothing measured so far.
-    results = {"workload": asdict(w), "threads": threads, "params": params}
-    results["runs"] = {size: [asdict(f) for f in figures] for size, figures in runs.items()}
+    results = {"workload": asdict(w), "threads": threads, "params": params, "update_floor_s": floors}
+    results["runs"] = {key: [asdict(f) for f in figures] for key, figures in runs.items()}
+    results["workloads"] = {key: asdict(run_w) for key, run_w in workloads.items()}
     (work / "results.json").write_text(json.dumps(results, indent=1))
     if runs:
         print()
         print(training_table(runs, params, w, args.steps), flush=True)
+        print()
+        print(speed_lines(runs, floors), flush=True)
 
     serving_dir = work / "serving"
     shutil.rmtree(serving_dir, ignore_errors=True)

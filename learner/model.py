@@ -145,8 +145,9 @@ def server_dtype() -> str:
 def adapter_serving() -> str:
     """How a local server serves the learner's one adapter: merged into its weights on CPU, where
     vLLM's LoRA path sampled 2.4x slower than the base on a 25M Qwen2 (merged: 0.98x, for a swap
-    that rewrites the checkpoint, 0.24 s there); as a LoRA on CUDA, whose LoRA kernels are fast
-    and where rewriting a multi-GB checkpoint every step would not be."""
+    of 0.08 s there, merged in place by the engine; bench/swap.py); as a LoRA on CUDA, whose LoRA
+    kernels are fast (merged serving's in-place swap is unmeasured there: no vLLM on the GPU
+    machines)."""
     return "lora" if torch.cuda.is_available() else "merged"
 
 

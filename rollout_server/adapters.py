@@ -3,7 +3,9 @@
 A refused adapter must leave the serving one untouched, so everything that can be checked on disk
 is checked here, where a failure is a clean 4xx, rather than inside the engine process. Messages
 name the lora_path as the client gave it, never a host path. In merged serving, `write_merged`
-then writes the base checkpoint with the adapter merged in, for the engine to reload.
+then writes the base checkpoint with the adapter merged in, for the engine to reload
+(merged_swap='rewrite'), or `check_mergeable` checks what the engine's own merge will need
+(merged_swap='inplace').
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from rollout_server.merge import lora_pairs, merged_weights
+from rollout_server.merge import check_lora_shapes, lora_pairs, lora_scaling, merged_weights
 from shared.adapter_hash import adapter_sha256
 from shared.errors import AdapterLoadError
 
@@ -137,6 +139,27 @@ def write_merged(model_dir: Path, adapter_dir: Path, out_dir: Path, *, lora_path
     index = model_dir / "model.safetensors.index.json"  # vLLM reads only the shards it lists
     if index.is_file():
         shutil.copyfile(index, out_dir / index.name)
+
+
+def check_mergeable(model_dir: Path, adapter_dir: Path, *, lora_path: str) -> None:
+    """AdapterLoadError (naming `lora_path`, as the client gave it) unless the adapter at
+    `adapter_dir` (checked by `check_adapter`) merges into the base checkpoint in `model_dir`: what
+    `write_merged` refuses, checked from the safetensors headers and the adapter's config alone, so
+    that the engine's in-place merge (`inplace_merge`) meets no refusal once the swap has begun."""
+    try:
+        lora_scaling(json.loads((adapter_dir / ADAPTER_CONFIG).read_text()))
+        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
+            adapter_shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        base_shapes = {}
+        for shard in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                base_shapes |= {name: f.get_slice(name).get_shape() for name in f.keys()}  # noqa: SIM118
+        for name, (a_key, b_key) in lora_pairs(adapter_shapes).items():
+            if name not in base_shapes:
+                raise AdapterLoadError(f"the adapter targets {name}, which the base checkpoint does not hold")
+            check_lora_shapes(name, base_shapes[name], adapter_shapes[a_key], adapter_shapes[b_key])
+    except AdapterLoadError as e:
+        raise AdapterLoadError(f"lora_path {lora_path!r}: {e}") from None
 
 
 def shown_path(adapter_root: Path, path: str | Path) -> str:

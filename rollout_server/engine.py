@@ -6,6 +6,7 @@ fake with the same methods behind the same service.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from shared.device import check_gpu_usable
 from shared.errors import EngineDeadError, InvalidRequestError
 from shared.prompts import prompt_token_ids
 from shared.schemas import Completion, Prompt, RolloutRequest, TokenLogprobs
+
+log = logging.getLogger("rollout_server")
 
 
 class Generated(NamedTuple):
@@ -101,6 +104,13 @@ class RolloutEngine(Protocol):
         No request may be running: vLLM does not protect them."""
         ...
 
+    async def merge_adapter(self, adapter_dir: str | None) -> None:
+        """Serve the base model's weights with the peft LoRA in `adapter_dir` merged in (None: the
+        base's own), merged by the engine itself from the adapter's files and the base checkpoint
+        (`inplace_merge`), and drop every prefix-cache entry computed with the old weights. No
+        request may be running."""
+        ...
+
     async def sleep(self, level: int) -> None:
         """Release device memory (level 1: offload weights; level 2: discard them)."""
         ...
@@ -147,6 +157,12 @@ def engine_args(cfg: ServerConfig, device: str):
         # took ~15 s): start to /health 40 s instead of 55 s (medians of 8, tiny model, 2 cores).
         # vLLM's CPU platform keeps "uni" only with VLLM_ENABLE_V1_MULTIPROCESSING=0 (VllmEngine).
         distributed_executor_backend="uni" if device == "cpu" else None,
+        # Gives vLLM's worker `merge_adapter`, which merged serving's in-place swaps call.
+        worker_extension_cls=(
+            "rollout_server.inplace_merge.InPlaceMergeExtension"
+            if cfg.adapter_serving == "merged" and cfg.merged_swap == "inplace"
+            else ""
+        ),
     )
 
 
@@ -285,6 +301,22 @@ class VllmEngine:
             raise EngineDeadError(self.dead_reason() or "the vLLM engine core is dead") from e
         if not reset:  # vLLM keeps the cache while requests hold blocks of it
             raise RuntimeError("vLLM did not reset its prefix cache after a weight reload: a request still runs")
+
+    async def merge_adapter(self, adapter_dir: str | None) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        try:
+            # Runs in the engine core between steps; paths, not tensors (the RPC turns tensors into
+            # lists). The base is named: a rewrite's reload points vLLM's own model path elsewhere.
+            (merged,) = await self._llm.collective_rpc("merge_adapter", args=(self._model, adapter_dir))
+            reset = await self._llm.reset_prefix_cache()  # keyed by token ids only, as in load_weights
+        except VllmEngineDeadError as e:
+            raise EngineDeadError(self.dead_reason() or "the vLLM engine core is dead") from e
+        if not reset:
+            raise RuntimeError("vLLM did not reset its prefix cache after a merge: a request still runs")
+        log.info(
+            "merged %s in place: %d modules in %.3f s", adapter_dir or "nothing", merged["modules"], merged["seconds"]
+        )
 
     async def sleep(self, level: int) -> None:
         # On CPU vLLM logs "sleep mode is not supported on CPU, ignore it." and releases nothing;

@@ -2,14 +2,15 @@
 into the base weights, W' = W + scaling * B @ A for each module it targets.
 
 Pure functions of tensors, names and the adapter's config; `adapters.write_merged` reads the files
-and writes the merged checkpoint.
+and writes the merged checkpoint (merged_swap='rewrite'), `inplace_merge` merges into the weights
+inside the engine (merged_swap='inplace'), where vLLM stacks some projections into one weight.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -73,14 +74,74 @@ def merged_weights(
         if name not in base_tensors:
             raise AdapterLoadError(f"the adapter targets {name}, which the base checkpoint does not hold")
         w_O_I, a_R_I, b_O_R = base_tensors[name], adapter_tensors[a_key], adapter_tensors[b_key]
-        if a_R_I.ndim != 2 or b_O_R.ndim != 2 or w_O_I.shape != (b_O_R.shape[0], a_R_I.shape[1]):
-            raise AdapterLoadError(
-                f"{name}: lora_B {list(b_O_R.shape)} @ lora_A {list(a_R_I.shape)} cannot add to the base's "
-                f"{list(w_O_I.shape)} (adapter trained on another base model?)"
-            )
-        if a_R_I.shape[0] != b_O_R.shape[1]:
-            raise AdapterLoadError(f"{name}: lora_A has rank {a_R_I.shape[0]}, lora_B rank {b_O_R.shape[1]}")
-        compute = torch.promote_types(w_O_I.dtype, torch.float32)
-        delta_O_I = (b_O_R.to(compute) @ a_R_I.to(compute)) * scaling
-        merged[name] = (w_O_I.to(compute) + delta_O_I).to(w_O_I.dtype)
+        check_lora_shapes(name, w_O_I.shape, a_R_I.shape, b_O_R.shape)
+        merged[name] = _plus_delta(w_O_I, a_R_I, b_O_R, scaling)
     return merged
+
+
+def check_lora_shapes(name: str, w_shape: Sequence[int], a_shape: Sequence[int], b_shape: Sequence[int]) -> None:
+    """AdapterLoadError unless lora_B [O, R] @ lora_A [R, I] adds to the weight `name` of shape [O, I]."""
+    if len(a_shape) != 2 or len(b_shape) != 2 or tuple(w_shape) != (b_shape[0], a_shape[1]):
+        raise AdapterLoadError(
+            f"{name}: lora_B {list(b_shape)} @ lora_A {list(a_shape)} cannot add to the base's "
+            f"{list(w_shape)} (adapter trained on another base model?)"
+        )
+    if a_shape[0] != b_shape[1]:
+        raise AdapterLoadError(f"{name}: lora_A has rank {a_shape[0]}, lora_B rank {b_shape[1]}")
+
+
+def stacked_layout(names: Iterable[str], packed_modules: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """vLLM module -> the checkpoint weights stacked in its weight, in order, for the modules that
+    hold the weights `names`.
+
+    `packed_modules` is the model class's `packed_modules_mapping`: with {"qkv_proj": ["q_proj",
+    "k_proj", "v_proj"]}, `model.layers.0.self_attn.k_proj.weight` is rows of the weight of
+    `model.layers.0.self_attn.qkv_proj`, after q_proj's and before v_proj's, and the whole stack is
+    listed (it is repacked whole). A projection no module packs is a module of its own.
+    """
+    shard_of = {shard: packed for packed, shards in packed_modules.items() for shard in shards}
+    layout = {}
+    for name in names:
+        parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+        prefix = f"{parent}." if parent else ""
+        if leaf in shard_of:
+            layout[prefix + shard_of[leaf]] = [f"{prefix}{shard}.weight" for shard in packed_modules[shard_of[leaf]]]
+        else:
+            layout[prefix + leaf] = [name]
+    return layout
+
+
+def merged_stacked(
+    base_O_I: torch.Tensor,
+    shard_rows: Sequence[int],
+    loras: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+    scaling: float,
+) -> torch.Tensor:
+    """A stacked weight (shards of `shard_rows` rows each, one after the other) with the LoRA
+    (lora_A [R, I], lora_B [O_i, R]) of each shard i in `loras` merged into that shard's rows,
+    bit for bit as `merged_weights` merges it alone; the other shards' rows are the base's. A new
+    tensor in the base's dtype; `base_O_I` is not modified.
+    """
+    assert base_O_I.ndim == 2 and base_O_I.shape[0] == sum(shard_rows), (base_O_I.shape, shard_rows)
+    merged_O_I = torch.empty_like(base_O_I)
+    start = 0
+    for i, rows in enumerate(shard_rows):
+        w_S_I, out_S_I = base_O_I[start : start + rows], merged_O_I[start : start + rows]
+        if i in loras:
+            _plus_delta(w_S_I, *loras[i], scaling, out=out_S_I)
+        else:
+            out_S_I.copy_(w_S_I)
+        start += rows
+    return merged_O_I
+
+
+def _plus_delta(
+    w_O_I: torch.Tensor, a_R_I: torch.Tensor, b_O_R: torch.Tensor, scaling: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W + scaling * B @ A, computed in float32 (float64 for a float64 W) and rounded to W's dtype
+    once, so a bfloat16 base gets the delta rounded as peft's own merge does; into `out` if given."""
+    compute = torch.promote_types(w_O_I.dtype, torch.float32)
+    if w_O_I.dtype == compute:  # no rounding to do: written straight into `out`, one pass
+        return torch.addmm(w_O_I, b_O_R.to(compute), a_R_I.to(compute), alpha=scaling, out=out)
+    merged = torch.addmm(w_O_I.to(compute), b_O_R.to(compute), a_R_I.to(compute), alpha=scaling).to(w_O_I.dtype)
+    return merged if out is None else out.copy_(merged)

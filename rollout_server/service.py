@@ -5,10 +5,11 @@ followed by a state change with no `await` between them is atomic.
 
 Adapters are served one of two ways (ServerConfig.adapter_serving). lora: each version is a vLLM
 LoRA, and versions of several names serve side by side. merged: one adapter at a time is merged
-into the weights the engine samples from; a load writes the merged checkpoint, then drains (new
-rollouts wait, running ones finish on the old weights), reloads the engine's weights in place and
-publishes the version, all before any waiting rollout starts: a rollout runs on one version, the
-one it is stamped with.
+into the weights the engine samples from; a load drains (new rollouts wait, running ones finish
+on the old weights), changes the engine's weights in place (ServerConfig.merged_swap: the engine
+merges the adapter itself, or reloads a merged checkpoint written before the drain) and publishes
+the version, all before any waiting rollout starts: a rollout runs on one version, the one it is
+stamped with.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
-from rollout_server.adapters import adapter_digest, check_adapter, directory_digest, shown_path, write_merged
+from rollout_server.adapters import (
+    adapter_digest,
+    check_adapter,
+    check_mergeable,
+    directory_digest,
+    shown_path,
+    write_merged,
+)
 from rollout_server.engine import Generated, LoraHandle, RolloutEngine
 from rollout_server.samples import SampleStore, cut_text
 from rollout_server.uploads import prune_uploads, receive_upload
@@ -71,8 +79,11 @@ class _Served:
     loaded_at: datetime
     sha256: str
     """`adapter_sha256` of the adapter directory, as loaded."""
+    merged: bool = False
+    """Merged serving: this adapter is merged into the weights the engine samples from."""
     merged_dir: Path | None = None
-    """Merged serving: the checkpoint the engine samples from, this adapter merged into the base."""
+    """Merged serving with merged_swap='rewrite': the checkpoint written for it (the base with it
+    merged in), which the engine reloaded."""
 
 
 class _Metrics:
@@ -115,11 +126,12 @@ class RolloutService:
         self._lock = asyncio.Lock()  # one load/unload/sleep/wake at a time
         self._weights_ready = asyncio.Event()  # cleared while merged serving swaps weights
         self._weights_ready.set()
-        self._merged_root: Path | None = None  # merged serving: where merged checkpoints are written
+        self._merged_root: Path | None = None  # merged_swap='rewrite': where merged checkpoints are written
         if cfg.adapter_serving == "merged":
             if not any(Path(cfg.model).glob("*.safetensors")):
                 raise ConfigError(f"adapter_serving='merged' needs a safetensors checkpoint in {cfg.model}")
-            self._merged_root = Path(tempfile.mkdtemp(prefix="rollout-merged-"))
+            if cfg.merged_swap == "rewrite":
+                self._merged_root = Path(tempfile.mkdtemp(prefix="rollout-merged-"))
 
     async def close(self) -> None:
         """Flush the sample log and delete the merged checkpoints."""
@@ -163,7 +175,7 @@ class RolloutService:
                     f"max_model_len={self.engine.max_model_len}"
                 )
         # A merged adapter is in the weights themselves: the engine gets no LoRA.
-        handle = served.handle if served and served.merged_dir is None else None
+        handle = served.handle if served and not served.merged else None
         rollout_id = uuid.uuid4().hex
         start = time.perf_counter()
         self._acquire(handle)
@@ -299,7 +311,7 @@ class RolloutService:
 
     def _merged(self) -> _Served | None:
         """The adapter merged into the served weights, if any."""
-        return next((s for s in self._adapters.values() if s.merged_dir is not None), None)
+        return next((s for s in self._adapters.values() if s.merged), None)
 
     async def load_adapter(self, request: LoadLoraAdapterRequest) -> AdapterInfo:
         """Load `lora_path` as the next version of `lora_name`; the old version serves on failure.
@@ -324,7 +336,7 @@ class RolloutService:
             max_rank=self.cfg.max_lora_rank,
         )
         sha256 = await asyncio.to_thread(adapter_digest, path, lora_path=request.lora_path)
-        if self._merged_root is not None:
+        if self.cfg.adapter_serving == "merged":
             return await self._load_merged(request, path, sha256)
         async with self._lock:
             self._check_engine()
@@ -402,7 +414,6 @@ class RolloutService:
         Rollouts already running finish on the old weights first, and rollouts that arrive during
         the swap start on the new ones.
         """
-        assert self._merged_root is not None
         async with self._lock:
             self._check_engine()
             if self._sleep_level is not None:
@@ -415,28 +426,60 @@ class RolloutService:
                 )
             handle = LoraHandle(request.lora_name, self._next_int_id, str(path))
             self._next_int_id += 1
-            merged_dir = self._merged_root / str(handle.int_id)
-            try:
-                # Off the event loop, and before the drain: rollouts go on meanwhile.
-                await asyncio.to_thread(
-                    write_merged, Path(self.cfg.model), path, merged_dir, lora_path=request.lora_path
-                )
-                await self._check_unchanged(path, sha256, request.lora_path)  # the merge read it
-                async with self._drained():
-                    try:
-                        await self.engine.load_weights(str(merged_dir))
-                    except BaseException:
-                        # A reload that failed part-way leaves some layers new: serve the old ones.
-                        await self.engine.load_weights(str(old.merged_dir if old else self.cfg.model))
-                        raise
-                    served = _Served(handle, self._next_version(request), datetime.now(UTC), sha256, merged_dir)
-                    self._adapters[request.lora_name] = served  # before any waiting rollout starts
-            except BaseException:
-                await asyncio.to_thread(shutil.rmtree, merged_dir, ignore_errors=True)
-                raise
-            if old is not None:
-                await asyncio.to_thread(shutil.rmtree, old.merged_dir, ignore_errors=True)
+            if self.cfg.merged_swap == "inplace":
+                served = await self._merge_inplace(request, handle, sha256, old)
+            else:
+                served = await self._merge_rewrite(request, handle, sha256, old)
         return self._published(served)
+
+    async def _merge_inplace(
+        self, request: LoadLoraAdapterRequest, handle: LoraHandle, sha256: str, old: _Served | None
+    ) -> _Served:
+        """merged_swap='inplace': the engine merges the adapter into its copy of the base weights."""
+        path = Path(handle.path)
+        # Off the event loop, and before the drain: what the engine's merge would refuse is refused
+        # here, with rollouts going on meanwhile.
+        await asyncio.to_thread(check_mergeable, Path(self.cfg.model), path, lora_path=request.lora_path)
+        async with self._drained():
+            try:
+                await self.engine.merge_adapter(str(path))
+                await self._check_unchanged(path, sha256, request.lora_path)  # the engine read it
+            except BaseException:
+                # A merge that failed part-way leaves some layers new, a rewritten directory all of
+                # them: serve the old weights.
+                await self.engine.merge_adapter(old.handle.path if old else None)
+                raise
+            served = _Served(handle, self._next_version(request), datetime.now(UTC), sha256, merged=True)
+            self._adapters[request.lora_name] = served  # before any waiting rollout starts
+        return served
+
+    async def _merge_rewrite(
+        self, request: LoadLoraAdapterRequest, handle: LoraHandle, sha256: str, old: _Served | None
+    ) -> _Served:
+        """merged_swap='rewrite': write the merged checkpoint, and the engine reloads it."""
+        assert self._merged_root is not None
+        path, merged_dir = Path(handle.path), self._merged_root / str(handle.int_id)
+        try:
+            # Off the event loop, and before the drain: rollouts go on meanwhile.
+            await asyncio.to_thread(write_merged, Path(self.cfg.model), path, merged_dir, lora_path=request.lora_path)
+            await self._check_unchanged(path, sha256, request.lora_path)  # the merge read it
+            async with self._drained():
+                try:
+                    await self.engine.load_weights(str(merged_dir))
+                except BaseException:
+                    # A reload that failed part-way leaves some layers new: serve the old ones.
+                    await self.engine.load_weights(str(old.merged_dir if old else self.cfg.model))
+                    raise
+                served = _Served(
+                    handle, self._next_version(request), datetime.now(UTC), sha256, merged=True, merged_dir=merged_dir
+                )
+                self._adapters[request.lora_name] = served  # before any waiting rollout starts
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, merged_dir, ignore_errors=True)
+            raise
+        if old is not None:
+            await asyncio.to_thread(shutil.rmtree, old.merged_dir, ignore_errors=True)
+        return served
 
     @contextlib.asynccontextmanager
     async def _drained(self) -> AsyncIterator[None]:
@@ -472,17 +515,21 @@ class RolloutService:
 
     async def unload_adapter(self, name: str) -> None:
         """Stop serving `name`; running requests finish on it first. A merged adapter gives the
-        engine the base weights back (reloaded from the model directory)."""
+        engine the base weights back (its copy of them, or reloaded from the model directory)."""
         async with self._lock:
             served = self._served(name)
-            if served.merged_dir is not None:
+            if served.merged:
                 self._check_engine()
                 if self._sleep_level is not None:
                     raise ServerAsleepError("the server is asleep (POST /wake_up first); the adapter stays merged")
                 async with self._drained():
-                    await self.engine.load_weights(self.cfg.model)
+                    if served.merged_dir is None:
+                        await self.engine.merge_adapter(None)
+                    else:
+                        await self.engine.load_weights(self.cfg.model)
                     del self._adapters[name]
-                await asyncio.to_thread(shutil.rmtree, served.merged_dir, ignore_errors=True)
+                if served.merged_dir is not None:
+                    await asyncio.to_thread(shutil.rmtree, served.merged_dir, ignore_errors=True)
             else:
                 del self._adapters[name]
                 self._retired.add(served.handle.int_id)
@@ -560,7 +607,10 @@ class RolloutService:
                 await self.engine.wake_up(self._sleep_level)
                 if self._sleep_level == 2 and (merged := self._merged()) is not None:
                     # Level 2 discarded the weights and the engine reloaded the base's.
-                    await self.engine.load_weights(str(merged.merged_dir))
+                    if merged.merged_dir is None:
+                        await self.engine.merge_adapter(merged.handle.path)
+                    else:
+                        await self.engine.load_weights(str(merged.merged_dir))
                 self._sleep_level = None
                 self.metrics.sleeping.set(0)
         return self.sleep_state()

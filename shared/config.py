@@ -49,7 +49,13 @@ class ServerConfig(_Strict):
     each load merges the adapter into the served weights (W + alpha/r * B @ A, from the base
     checkpoint) and reloads them in place once running rollouts finish, so generation runs at the
     base's speed; one adapter at a time (e.g. the learner's), and rollouts of the base answer 409
-    while one is loaded. Needs a safetensors base; the merged copy is written under $TMPDIR."""
+    while one is loaded. Needs a safetensors base (merged_swap says how the weights change)."""
+    merged_swap: Literal["inplace", "rewrite"] = "inplace"
+    """How merged serving changes the weights. inplace: the engine reads the adapter's files and
+    merges them into a copy it keeps of the base weights they target (that memory again, read once
+    from the base checkpoint), then repacks those layers; nothing is written. rewrite: the server
+    writes the base checkpoint with the adapter merged in under $TMPDIR and the engine reloads all
+    of it (for models whose vLLM module names differ from the checkpoint's, or tensor parallel)."""
     max_model_len: int | None = Field(None, gt=0)
     """Longest prompt + completion in tokens; None: the model's own limit, as vLLM derives it from
     config.json (max_position_embeddings). Above that limit vLLM refuses to start."""

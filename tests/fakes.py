@@ -16,6 +16,7 @@ from pydantic import JsonValue
 from safetensors.torch import load_file, save_file
 
 from rollout_server.engine import Generated, LoraHandle
+from rollout_server.merge import merged_weights
 from shared.config import ServerConfig
 from shared.schemas import Completion, Prompt, RolloutRequest
 
@@ -29,7 +30,8 @@ BASE_CONFIG = {
 
 class FakeEngine:
     """Completions encode which adapter version made them: token ids [int_id, i, seed]. Merged
-    serving's weights are the tensors `load_weights` last read."""
+    serving's weights are the tensors `load_weights` last read, or BASE_WEIGHTS with the adapter
+    `merge_adapter` last got merged in (by the real merge math)."""
 
     device = "cpu"
     vocab_size = 256  # it tokenizes to bytes
@@ -44,8 +46,9 @@ class FakeEngine:
         self.dead: str | None = None  # a reason: the engine is dead
         self.fail_prompt: list[int] | None = None  # generate() of this prompt raises
         self.cancelled: list[str] = []  # request ids cancelled while generating
-        self.weights: dict[str, torch.Tensor] = {}  # what load_weights last read
-        self.weight_loads = 0  # load_weights calls so far
+        self.weights: dict[str, torch.Tensor] = {}  # what load_weights last read, or merge_adapter merged
+        self.weight_loads = 0  # load_weights and merge_adapter calls so far: the weights changed
+        self.merges: list[str | None] = []  # each merge_adapter's adapter_dir
         self.generated_on: list[int] = []  # weight_loads at each generate() call
         self.requests: list[tuple[list[int], RolloutRequest]] = []  # each generate()'s prompt and request
         self.rendered: list[tuple[str | list[dict], dict]] = []  # each tokenize()'s prompt (as JSON) and keywords
@@ -119,6 +122,15 @@ class FakeEngine:
 
     async def load_weights(self, directory: str) -> None:
         self.weights = {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
+        self.weight_loads += 1
+
+    async def merge_adapter(self, adapter_dir: str | None) -> None:
+        self.weights = dict(BASE_WEIGHTS)
+        if adapter_dir is not None:
+            config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+            adapter = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+            self.weights |= merged_weights(BASE_WEIGHTS, adapter, config)
+        self.merges.append(adapter_dir)
         self.weight_loads += 1
 
     async def sleep(self, level: int) -> None:

@@ -1,5 +1,6 @@
 """Merged adapter serving (--adapter-serving merged): the merge math with hand-derived values, and
-the service's swaps over a fake engine (real vLLM: test_merged_serving_integration.py)."""
+the service's swaps over a fake engine, with both --merged-swap modes (real vLLM:
+test_merged_serving_integration.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from rollout_server.app import build_app
 from rollout_server.cli import parse_config
-from rollout_server.merge import lora_pairs, lora_scaling, merged_weights
+from rollout_server.merge import lora_pairs, lora_scaling, merged_stacked, merged_weights, stacked_layout
 from rollout_server.service import RolloutService
 from shared.adapter_hash import adapter_sha256
 from shared.config import ServerConfig
@@ -124,18 +125,76 @@ def test_a_merge_that_does_not_fit_the_base_is_refused(
         merged_weights(base, adapter, {"r": 1, "lora_alpha": 1})
 
 
+# --- the math of an in-place merge: vLLM's stacked weights --------------------------------------
+
+PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}  # Qwen2's
+
+
+def test_a_stacked_projection_names_its_module_and_every_shard_in_order() -> None:
+    attn, mlp = "model.layers.0.self_attn", "model.layers.1.mlp"
+    names = [f"{attn}.k_proj.weight", f"{attn}.o_proj.weight", f"{mlp}.up_proj.weight", f"{mlp}.gate_proj.weight"]
+    assert stacked_layout(names, PACKED) == {
+        # k_proj alone targeted: the whole stack is listed (it is repacked whole), in vLLM's order
+        f"{attn}.qkv_proj": [f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"],
+        f"{attn}.o_proj": [f"{attn}.o_proj.weight"],  # packed nowhere: a module of its own
+        f"{mlp}.gate_up_proj": [f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"],  # up before gate: once
+    }
+    assert stacked_layout(["lm_head.weight"], PACKED) == {"lm_head": ["lm_head.weight"]}  # no parent module
+
+
+def test_a_stacked_merge_adds_each_shards_delta_to_its_own_rows() -> None:
+    # A qkv weight of 4 rows, input 2: q = rows 0-1, k = row 2, v = row 3. Scaling 2.
+    # q: B @ A = [[1], [-1]] @ [[1, 0]] = [[1, 0], [-1, 0]]; x 2 = [[2, 0], [-2, 0]]: rows 0-1 become
+    #    [[1, 0], [0, 1]] + that = [[3, 0], [-2, 1]].
+    # k: B @ A = [[1]] @ [[1, 2]] = [[1, 2]]; x 2 = [[2, 4]]: row 2 becomes [2, 2] + [2, 4] = [4, 6].
+    # v: no LoRA: row 3 stays [3, 3].
+    base = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    loras = {
+        0: (torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [-1.0]])),
+        1: (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0]])),
+    }
+    merged = merged_stacked(base, [2, 1, 1], loras, 2.0)
+    torch.testing.assert_close(merged, torch.tensor([[3.0, 0.0], [-2.0, 1.0], [4.0, 6.0], [3.0, 3.0]]))
+    assert base[2].tolist() == [2.0, 2.0]  # the base is not modified in place
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_stacked_merge_is_the_rewrite_merge_bit_for_bit(dtype: torch.dtype) -> None:
+    """The in-place swap serves exactly what the rewrite path serves: the same rounding, per shard."""
+    generator = torch.Generator().manual_seed(0)
+    names = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+    base = {
+        name: torch.randn(rows, 16, generator=generator).to(dtype) for name, rows in zip(names, [16, 8, 8], strict=True)
+    }
+    adapter = {}
+    for name in names[:2]:  # q and k; v keeps the base
+        peft = f"base_model.model.{name.removesuffix('.weight')}"
+        adapter[f"{peft}.lora_A.weight"] = torch.randn(4, 16, generator=generator)
+        adapter[f"{peft}.lora_B.weight"] = torch.randn(base[name].shape[0], 4, generator=generator)
+    rewritten = base | merged_weights(base, adapter, {"r": 4, "lora_alpha": 8})
+    pairs = lora_pairs(adapter)
+    loras = {i: (adapter[pairs[n][0]], adapter[pairs[n][1]]) for i, n in enumerate(names) if n in pairs}
+    stacked = merged_stacked(torch.cat([base[n] for n in names]), [16, 8, 8], loras, 2.0)
+    assert torch.equal(stacked, torch.cat([rewritten[n] for n in names]))
+
+
 # --- the service, over a fake engine -------------------------------------------------------------
 
 
-@pytest.fixture
-def cfg(tmp_path: Path) -> ServerConfig:
+def merged_config(tmp_path: Path, merged_swap: str) -> ServerConfig:
     return ServerConfig(
         model=str(write_base_config(tmp_path / "base")),
         adapter_root=tmp_path / "adapters",
         adapter_serving="merged",
+        merged_swap=merged_swap,
         max_lora_rank=8,
         max_model_len=64,
     )
+
+
+@pytest.fixture(params=["inplace", "rewrite"])
+def cfg(tmp_path: Path, request: pytest.FixtureRequest) -> ServerConfig:
+    return merged_config(tmp_path, request.param)
 
 
 def rollout(client: TestClient, adapter: str | None = None) -> dict:
@@ -153,6 +212,8 @@ def load(client: TestClient, path: str, name: str = "policy", **body) -> dict:
 def test_the_flag_comes_from_the_config() -> None:
     assert parse_config(["--model", "m", "--adapter-serving", "merged"])[0].adapter_serving == "merged"
     assert ServerConfig(model="m").adapter_serving == "lora"
+    assert parse_config(["--model", "m", "--merged-swap", "rewrite"])[0].merged_swap == "rewrite"
+    assert ServerConfig(model="m").merged_swap == "inplace"
 
 
 def test_a_merged_adapter_is_served_with_no_lora_and_the_base_comes_back_on_unload(cfg: ServerConfig) -> None:
@@ -315,7 +376,9 @@ def test_waking_from_level_2_reloads_the_merged_weights_and_unload_waits_for_wak
     run(cfg, scenario)
 
 
-def test_merged_checkpoints_are_deleted_when_replaced_and_on_close(cfg: ServerConfig) -> None:
+def test_merged_checkpoints_are_deleted_when_replaced_and_on_close(tmp_path: Path) -> None:
+    cfg = merged_config(tmp_path, "rewrite")
+
     async def scenario() -> None:
         service = RolloutService(cfg, FakeEngine())
         write_fake_adapter(cfg.adapter_root / "v1")
@@ -334,3 +397,50 @@ def test_merged_serving_needs_a_safetensors_base(cfg: ServerConfig) -> None:
     (Path(cfg.model) / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="needs a safetensors checkpoint"):
         RolloutService(cfg, FakeEngine())
+
+
+def test_an_inplace_swap_hands_the_engine_the_adapter_directory_and_writes_nothing(tmp_path: Path) -> None:
+    cfg = merged_config(tmp_path, "inplace")
+
+    async def scenario() -> None:
+        engine = FakeEngine()
+        service = RolloutService(cfg, engine)
+        v1, v2 = write_fake_adapter(cfg.adapter_root / "v1"), write_fake_adapter(cfg.adapter_root / "v2", value=2.0)
+        for name in ("v1", "v2"):
+            await service.load_adapter(LoadLoraAdapterRequest(lora_name="p", lora_path=name))
+        await service.unload_adapter("p")
+        assert engine.merges == [str(v1), str(v2), None]  # None: the base's own weights
+        assert service._merged_root is None and engine.loras == {}
+        await service.close()
+
+    asyncio.run(scenario())
+
+
+class RewritingEngine(FakeEngine):
+    """Rewrites the adapter directory `rewrite` (once) just before merging an adapter: a learner
+    saving over a directory while a server loads it."""
+
+    rewrite: Path | None = None
+
+    async def merge_adapter(self, adapter_dir: str | None) -> None:
+        if self.rewrite is not None:
+            write_fake_adapter(self.rewrite, value=3.0)
+            self.rewrite = None
+        await super().merge_adapter(adapter_dir)
+
+
+def test_an_adapter_rewritten_while_the_engine_merges_it_is_refused_and_the_old_one_merged_again(
+    tmp_path: Path,
+) -> None:
+    cfg = merged_config(tmp_path, "inplace")
+    engine = RewritingEngine()
+    v1 = write_fake_adapter(cfg.adapter_root / "v1")
+    v2 = write_fake_adapter(cfg.adapter_root / "v2", value=2.0)
+    with TestClient(build_app(cfg, api_key="", engine_factory=lambda _: engine)) as client:
+        load(client, "v1")
+        engine.rewrite = v2
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "v2"})
+        assert r.status_code == 400 and "'v2' changed while it was loaded" in r.json()["detail"], r.text
+        assert engine.merges == [str(v1), str(v2), str(v1)]  # v1 merged again, from the pristine base
+        torch.testing.assert_close(engine.weights[Q], torch.full((16, 16), 0.5 + 8.0))
+        assert rollout(client, "policy")["policy_version"] == 1

