@@ -181,7 +181,7 @@ def scored_logprobs(
 
     # Pack each row's scored values to the left: row i, slot j = its j-th scored position.
     slot_N_T = scored_mask(sequences).to(device)
-    return torch.zeros(slot_N_T.shape, dtype=torch.float32, device=device).masked_scatter(slot_N_T, logprobs_M)
+    return torch.zeros(slot_N_T.shape, dtype=torch.float32, device=device).masked_scatter(slot_N_T, logprobs_M.float())
 
 
 def scored_mask(sequences: list[Sequence]) -> Tensor:

@@ -188,6 +188,9 @@ class VllmEngine:
             # The engine core (spawned: it reads this at start) now runs the model itself, and no
             # longer gets the threads vLLM set for its worker (one core left to the scheduler). At
             # torch's default, 2 threads on 2 cores, each rollout took 1.5-5 s instead of 0.2 s.
+            # ServerConfig.cpu_threads has the figures of other settings.
+            if cfg.cpu_threads is not None:
+                os.environ["OMP_NUM_THREADS"] = str(cfg.cpu_threads)
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) - 1)))
         self._llm = AsyncLLM.from_engine_args(engine_args(cfg, self.device))
         self._tokenizer = self._llm.get_tokenizer()
