@@ -40,6 +40,8 @@ SAFE_TO_CHANGE = frozenset(
         "eval_steps",
         "resume",
         "allow_config_change",
+        # How much disk the run's adapter versions take (learner.retention).
+        "keep_adapters",
         # What it reports.
         "sample_every",
         "report_to",
@@ -51,6 +53,7 @@ SAFE_TO_CHANGE = frozenset(
         "model",
         # How the rollout servers are reached, waited for and checked.
         "server_url",
+        "adapter_transfer",
         "api_key",
         "server_start_timeout_s",
         "server_wait_s",

@@ -45,11 +45,14 @@ def test_steps_logging_and_server_settings_may_change_the_learning_signal_may_no
     cfg, model = run
     old = identity_of(cfg, model)
     safe = {"steps": 20, "save_steps": 5, "sample_every": 0, "report_to": ["tensorboard"], "resume": "auto"}
+    safe |= {"keep_adapters": 10, "adapter_transfer": "upload"}  # disk and how versions reach the servers
     assert set(safe) <= run_identity.SAFE_TO_CHANGE
     new = identity_of(cfg.model_copy(update=safe), model)
     comparison = run_identity.compare(old, new)
     assert comparison.refused == []
     assert comparison.allowed == [
+        "adapter_transfer: 'auto' -> 'upload'",
+        "keep_adapters: 3 -> 10",
         "report_to: [] -> ['tensorboard']",
         "resume: None -> 'auto'",
         "sample_every: 1 -> 0",
