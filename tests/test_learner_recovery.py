@@ -26,6 +26,10 @@ pytestmark = pytest.mark.integration
 
 ENV = {**os.environ, "ROLLOUT_API_KEY": "", "TQDM_DISABLE": "1"}
 NO_CHECKPOINTS = ["--save-steps", "0"]  # two learners share one output dir: the second starts fresh
+# The server sleeps while the learner updates: micro-batches of 1 make that window ~8 passes long,
+# so a poll of /is_sleeping finds it (at the default, one pass of the tiny model: a step of 0.14 s,
+# and a fresh clone's CI run once polled 173 times through 200 steps without finding it asleep).
+ASLEEP_LONGER = ["--steps", "200", *NO_CHECKPOINTS, "--micro-batch-size", "1"]
 FLOAT32 = ["--dtype", "float32"]  # the learner's dtype on CPU (vLLM's "auto" would be bfloat16)
 
 
@@ -74,7 +78,7 @@ def test_a_dying_learner_leaves_the_server_awake(tiny_model_dir: Path, tmp_path:
     out = tmp_path / "run"
     with server_process(tiny_model_dir, out / "adapters", tmp_path / "server.log") as (_, url):
         # Ctrl-C while the server sleeps: the learner wakes it on its way out.
-        learner = start_learner(tiny_model_dir, out, url, "--steps", "200", "--sleep-lease-s", "600", *NO_CHECKPOINTS)
+        learner = start_learner(tiny_model_dir, out, url, "--sleep-lease-s", "600", *ASLEEP_LONGER)
         try:
             stop_while_asleep(learner, url, 300)
             learner.send_signal(signal.SIGINT)
@@ -85,7 +89,7 @@ def test_a_dying_learner_leaves_the_server_awake(tiny_model_dir: Path, tmp_path:
         assert not sleeping(url)
 
         # kill -9 while the server sleeps: nothing runs in the learner, the lease wakes the server.
-        learner = start_learner(tiny_model_dir, out, url, "--steps", "200", "--sleep-lease-s", "3", *NO_CHECKPOINTS)
+        learner = start_learner(tiny_model_dir, out, url, "--sleep-lease-s", "3", *ASLEEP_LONGER)
         try:
             stop_while_asleep(learner, url, 300)
             learner.kill()
