@@ -36,6 +36,7 @@ def learner_cmd(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     args += ["--steps", str(STEPS), "--prompts-per-step", "2", "--sampling-n", "4", "--sampling-max-tokens", "6"]
     args += ["--sampling-seed", "0", "--learning-rate", "1e-2", "--sample-every", "0"]
     args += ["--save-steps", "1", "--save-total-limit", "2", *extra]
+    args += ["--keep-adapters", str(STEPS)]  # every version kept, to compare them all (retention: test_retention.py)
     return [sys.executable, "-m", "learner.cli", *args]
 
 
