@@ -36,12 +36,12 @@ import yaml
 from peft import PeftModel
 
 from learner.distributed import Distributed
-from learner.model import ADAPTER_WEIGHTS, load_adapter_weights, save_adapter, save_next_version, version_dir
+from learner.model import ADAPTER_WEIGHTS, load_adapter_weights, save_adapter, save_next_version, version_dir, versions
 from learner.prompts import PromptSampler
 from learner.reference import POLICY
 from learner.run_log import drop_samples_after, drop_steps_after
 from shared.config import LearnerConfig
-from shared.durable import fsync_dir, fsync_tree
+from shared.durable import fsync_dir, fsync_tree, remove_tree
 from shared.errors import ConfigError
 
 log = logging.getLogger("learner")
@@ -49,7 +49,7 @@ log = logging.getLogger("learner")
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"step-(\d+)")
 _VERSION = re.compile(r"v(\d+)")
-_TEMP = re.compile(r"\.(step-\d+|v\d+|removing)-")  # save_adapter's, save's and _remove's temp dirs
+_TEMP = re.compile(r"\.(step-\d+|v\d+|removing)-")  # save_adapter's, save's and remove_tree's temp dirs
 
 
 class DataPosition(Protocol):
@@ -91,7 +91,7 @@ def save_if_due(
     path = save(root, state, policy, optimizer, prompts, identity if identity.is_file() else None)
     done = sorted(_complete(root), key=_step)
     for old in done[: -cfg.save_total_limit] if cfg.save_total_limit else []:
-        _remove(old)
+        remove_tree(old)
     log.info("checkpoint written: %s (--resume auto goes on from here)", path)
     return path
 
@@ -313,12 +313,12 @@ def _roll_back(output_dir: Path, state: TrainState) -> None:
         for leftover in root.iterdir() if root.is_dir() else []:
             if _TEMP.match(leftover.name):
                 shutil.rmtree(leftover)
-    for version, newer in _versions(output_dir / "adapters").items():
+    for version, newer in versions(output_dir / "adapters").items():
         if version > state.version:
-            _remove(newer)
+            remove_tree(newer)
     for newer in _complete(output_dir / "checkpoints"):
         if _step(newer) > state.step:
-            _remove(newer)
+            remove_tree(newer)
 
 
 def _check_served_adapter(served: Path, checkpointed: Path, policy: PeftModel) -> None:
@@ -343,18 +343,3 @@ def _complete(root: Path) -> list[Path]:
 
 def _step(path: Path) -> int:
     return int(_NAME.fullmatch(path.name).group(1))
-
-
-def _versions(adapter_root: Path) -> dict[int, Path]:
-    """Adapter version directories `v{N:06d}` under `adapter_root`, by N."""
-    if not adapter_root.is_dir():
-        return {}
-    return {int(m.group(1)): p for p in adapter_root.iterdir() if (m := _VERSION.fullmatch(p.name))}
-
-
-def _remove(path: Path) -> None:
-    """Delete a directory by first renaming it to a hidden name, so a kill mid-delete never leaves a
-    half directory under a name that counts (a `step-N` or `vN`)."""
-    hidden = Path(tempfile.mkdtemp(prefix=f".removing-{path.name}-", dir=path.parent))
-    os.rename(path, hidden / path.name)
-    shutil.rmtree(hidden)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -232,8 +233,18 @@ def _dequantized(param: torch.nn.Parameter) -> torch.Tensor:
 
 def next_version(adapter_root: Path) -> int:
     """One past the highest `v{N:06d}` directory already under `adapter_root` (1 if none)."""
-    done = [int(p.name[1:]) for p in adapter_root.glob("v[0-9]*") if p.name[1:].isdigit()]
-    return max(done, default=0) + 1
+    return max(versions(adapter_root), default=0) + 1
+
+
+def versions(adapter_root: Path) -> dict[int, Path]:
+    """The adapter version directories `v{N:06d}` under `adapter_root`, by N."""
+    if not adapter_root.is_dir():
+        return {}
+    found = ((_VERSION_NAME.fullmatch(p.name), p) for p in adapter_root.iterdir())
+    return {int(m.group(1)): p for m, p in found if m and p.is_dir()}
+
+
+_VERSION_NAME = re.compile(r"v(\d+)")
 
 
 def version_dir(adapter_root: Path, version: int) -> Path:

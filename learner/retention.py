@@ -14,14 +14,13 @@ request ends (rollout_server.service), and uploads are pruned on the server (rol
 from __future__ import annotations
 
 import logging
-import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from learner.model import versions
+from shared.durable import remove_tree
 
-_VERSION_DIR = re.compile(r"^v(\d{6,})$")
+log = logging.getLogger(__name__)
 
 
 def versions_to_delete(
@@ -37,14 +36,11 @@ def versions_to_delete(
 def prune_versions(adapter_root: Path, *, went_live: list[int], checkpointed: Iterable[int], keep: int) -> list[Path]:
     """Delete the version directories `versions_to_delete` names under `adapter_root` (renamed
     aside first, so a reader never sees half a directory); what was deleted."""
-    on_disk = {int(m[1]): p for p in adapter_root.iterdir() if (m := _VERSION_DIR.match(p.name)) and p.is_dir()}
+    on_disk = versions(adapter_root)
     deleted = []
     for version in versions_to_delete(on_disk, went_live=went_live, checkpointed=checkpointed, keep=keep):
-        path = on_disk[version]
-        aside = path.with_name(f".{path.name}-removing")
-        path.rename(aside)
-        shutil.rmtree(aside, ignore_errors=True)
-        deleted.append(path)
+        remove_tree(on_disk[version])
+        deleted.append(on_disk[version])
     if deleted:
         log.debug("deleted adapter versions %s", ", ".join(p.name for p in deleted))
     return deleted

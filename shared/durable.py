@@ -8,6 +8,8 @@ directory under its final name holding empty or partial files. Stdlib only: both
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -30,3 +32,11 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory by first renaming it into a hidden `.removing-<name>-*` one beside it, so
+    a kill mid-delete never leaves half a directory under a name that counts (a `step-N`, a `vN`)."""
+    hidden = Path(tempfile.mkdtemp(prefix=f".removing-{path.name}-", dir=path.parent))
+    os.rename(path, hidden / path.name)
+    shutil.rmtree(hidden)
