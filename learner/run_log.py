@@ -30,7 +30,7 @@ from learner.distributed import Distributed
 from learner.learn import Learned
 from learner.trackers import TextSample, open_trackers
 from shared.config import LearnerConfig
-from shared.schemas import Completion, Prompt, RolloutResponse, SampleRecord
+from shared.schemas import Completion, Prompt, RolloutResponse, SampleRecord, run_name
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class RunLog:
         self._tracker_samples = cfg.tracker_samples
         self._rewards = ", ".join(cfg.reward_funcs) if cfg.reward_funcs else f"the {cfg.mode} mode's reward"
         self._flat_steps = 0  # consecutive steps in which every group's rewards were equal
-        self._run = cfg.output_dir.resolve().name  # as the servers' sample logs name it (ServerLink)
+        self._run = run_name(cfg.output_dir)
 
     def step(
         self,

@@ -49,7 +49,7 @@ from learner.rollout_client import RolloutClient
 from shared.adapter_hash import adapter_sha256
 from shared.config import LearnerConfig
 from shared.errors import AdapterPublishError, RetiredVersionError, RolloutServerError, StaleAdapterError
-from shared.schemas import RolloutRequest, RolloutResponse, SampleScores
+from shared.schemas import RolloutRequest, RolloutResponse, SampleScores, run_name
 
 log = logging.getLogger("grpo-learner")
 T = TypeVar("T")
@@ -119,7 +119,7 @@ class ServerLink:
         self._recovering = threading.Lock()  # one re-sync or wait for a lost replica at a time
         self._parts: dict[str, list[tuple[_Replica, str]]] = {}  # rollout id -> (replica, its rollout id)
         self._closed = False
-        self._run = cfg.output_dir.resolve().name  # the run, as the servers' sample logs show it
+        self._run = run_name(cfg.output_dir)
 
     @property
     def adapter(self) -> str | None:
@@ -518,7 +518,7 @@ def logprob_canary(
         temperature=cfg.sampling.temperature,
         seed=0,
         adapter=adapter,
-        run=cfg.output_dir.resolve().name,
+        run=run_name(cfg.output_dir),
         kind="canary",
     )
     completion = client.generate(request, expected_version=version).results[0].completions[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from shared.errors import ConfigError
+from shared.schemas import run_name
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class TrackioTracker:
         self._trackio = _trackio()
         self._trackio.init(
             project=self.PROJECT,
-            name=output_dir.resolve().name,
+            name=run_name(output_dir),
             resume="allow" if done else "never",
             embed=False,
             auto_log_cpu=False,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, model_validator
@@ -52,6 +53,14 @@ MAX_LORA_PATH_CHARS = 4096
 """Longest lora_path (Linux's PATH_MAX)."""
 RunName = Annotated[str, Field(min_length=1, max_length=128)]
 """A learner's run, as the sample log shows it."""
+
+
+def run_name(output_dir: Path) -> str:
+    """The run a learner writing to `output_dir` is, as sample logs and trackers name it: the
+    directory's own name (an absolute path's last part)."""
+    return output_dir.resolve().name
+
+
 RolloutKind = Literal["training", "evaluation", "canary", "openai", "api"]
 """Why a rollout was made (RolloutRequest.kind)."""
 PROMPT_TEXT_CHARS = 2000
