@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 
 from shared.adapter_hash import adapter_sha256
-from shared.durable import fsync_dir
+from shared.durable import fsync_dir, fsync_tree
 from shared.errors import AdapterLoadError, PayloadTooLargeError
 from shared.schemas import AdapterUpload
 
@@ -69,8 +69,6 @@ def _unpack_and_place(archive: Path, staging: Path, sha256: str) -> tuple[Path, 
                 _check_member(member)
                 with tar.extractfile(member) as source, (staging / member.name).open("wb") as target:
                     shutil.copyfileobj(source, target)
-                    target.flush()
-                    os.fsync(target.fileno())
                 total += member.size
     except tarfile.TarError as e:
         raise AdapterLoadError(f"the upload is not an uncompressed tar archive ({e})") from e
@@ -80,16 +78,17 @@ def _unpack_and_place(archive: Path, staging: Path, sha256: str) -> tuple[Path, 
             f"the uploaded files hash to sha256 {got[:12]}..., not {sha256[:12]}... as the URL says "
             "(sent incomplete, or altered on the way)"
         )
-    fsync_dir(staging)
+    answer = AdapterUpload(lora_path=f"{UPLOADS}/{sha256}", sha256=sha256, bytes=total)
     final = staging.parent.parent / sha256
     if final.is_dir() and adapter_sha256(final) == sha256:
         os.utime(final)  # sent again: as recent as a new upload, for prune_uploads
-        return final, AdapterUpload(lora_path=f"{UPLOADS}/{sha256}", sha256=sha256, bytes=total)  # sent before
+        return final, answer
     if final.exists():
         shutil.rmtree(final)  # not what its name says: an earlier write that did not end
+    fsync_tree(staging)  # the files on disk before the name that says they are whole
     os.rename(staging, final)
     fsync_dir(final.parent)
-    return final, AdapterUpload(lora_path=f"{UPLOADS}/{sha256}", sha256=sha256, bytes=total)
+    return final, answer
 
 
 def _check_member(member: tarfile.TarInfo) -> None:
