@@ -5,7 +5,8 @@
 On the 25M Qwen2 of bench/compare_trl.py with the bench's LoRA (r=8, alpha 16, every linear layer)
 and a batch as one bench step's: 32 sequences of a 20-token prompt and --tokens completion tokens
 (random ids, seeded), scored by `learner.logprobs.scored_logprobs` as the update scores them:
-- the reference pass (adapter disabled, no grad) against the policy pass (forward and backward);
+- the reference pass (adapter disabled, no grad) against the policy pass (forward and backward),
+  with the learner's LoRA layers (learner.lora_linear) and with peft's (fused_lora off);
 - the policy pass with the decoder under `torch.compile` (its first call's time is the compile);
 - the policy pass under bf16 autocast (this CPU's AVX512-BF16, where it has it), and its gap:
   the mean |log-probability| difference from float32 over the scored tokens, the error it would
@@ -70,11 +71,13 @@ def main() -> None:
         with torch.no_grad(), policy.disable_adapter():
             return scored_logprobs(policy, sequences, **kwargs)
 
-    def policy_pass() -> torch.Tensor:
-        policy.zero_grad(set_to_none=True)
-        logprobs = scored_logprobs(policy, sequences, **kwargs)
+    def policy_pass(model=policy) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        logprobs = scored_logprobs(model, sequences, **kwargs)
         logprobs.sum().backward()
         return logprobs.detach()
+
+    peft_layers, _ = load_policy(str(model_dir), cfg.model_copy(update={"fused_lora": False}))
 
     def bf16_pass() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -86,6 +89,7 @@ def main() -> None:
     for name, fn in (
         ("reference (no grad, adapter disabled)", reference),
         ("policy (forward + backward)", policy_pass),
+        ("policy, peft's LoRA layers (fused_lora off)", lambda: policy_pass(peft_layers)),
     ):
         first, median = timed(fn, args.repeats)
         print(f"| {name} | {first:.2f} | {median:.2f} |", flush=True)

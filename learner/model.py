@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from learner.distributed import Distributed
+from learner.lora_linear import fuse_lora_layers
 from learner.reference import POLICY, hold_init_reference
 from shared.config import LearnerConfig
 from shared.device import check_gpu_usable
@@ -95,6 +96,8 @@ def load_policy(model_dir: str, cfg: LearnerConfig) -> tuple[PeftModel, PreTrain
         task_type="CAUSAL_LM",
     )
     policy = get_peft_model(base, lora)
+    if cfg.fused_lora:
+        fuse_lora_layers(policy)
     if cfg.init_adapter is not None:
         load_adapter_weights(policy, cfg.init_adapter)
         hold_init_reference(policy, cfg)

@@ -64,6 +64,8 @@ SAFE_TO_CHANGE = frozenset(
         "micro_batch_size",
         "logprob_chunk_size",
         "gradient_checkpointing",
+        # The same products, rounded in another order.
+        "fused_lora",
     }
 )
 """The LearnerConfig fields a resume may change without allow_config_change (top-level names; a

@@ -307,6 +307,11 @@ class LearnerConfig(_Strict):
     """Positions per chunk when turning hidden states into log-probabilities."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the policy forward pass."""
+    fused_lora: bool = True
+    """Compute each LoRA linear layer as one matrix product with its base (learner.lora_linear)
+    where base and adapter share a dtype (the float32 CPU learner; not the 4-bit one): measured
+    on CPU, the 25M bench model's policy forward and backward (32 x 276 tokens, r=8 on every
+    linear layer) took 8.25 s instead of peft's 10.15. The same numbers up to float rounding."""
     load_in_4bit: bool = True
     """Load the base in 4-bit NF4 (bitsandbytes; CUDA only, ignored on CPU)."""
     sleep_server: bool = True
