@@ -178,7 +178,7 @@ def train(cfg: LearnerConfig) -> Path | None:
     from learner.local_server import local_rollout_server, server_flags
     from learner.model import load_policy, loads_in_4bit, served_base, with_model_sampling_defaults
     from learner.rollout_client import RolloutClient
-    from learner.serving import server_settings
+    from learner.serving import local_server_settings
 
     cfg = with_model_sampling_defaults(cfg, model_dir)
     # A bad --resume, or an earlier run's outputs a fresh start would mix with, stop here (before
@@ -203,7 +203,7 @@ def train(cfg: LearnerConfig) -> Path | None:
             # A 4-bit learner has the server sample from its own (dequantized) weights: see served_base.
             served = served_base(policy, model_dir, cfg, cfg.output_dir / "served-base")
             log.info("starting a local rollout server for %s (log: %s)", served, server_log)
-            settings = server_flags(server_settings(cfg, model_dir))
+            settings = server_flags(local_server_settings(cfg, model_dir))
             urls = [
                 stack.enter_context(
                     local_rollout_server(
