@@ -12,8 +12,8 @@ generation's share grows) at temperature 1; LoRA r=8, alpha 16, dropout 0 on eve
 grad). Both systems take the prompts in the same order (grpo-learner's PromptSampler), use seed 0,
 float32, one forward and backward pass over the 32 completions per step, and the same number of
 torch threads: torch's default, which grpo-learner keeps and the TRL side sets. OMP_NUM_THREADS is
-not set for them: the learner's rollout server would inherit it, and vLLM's engine core then keeps
-that many torch threads instead of the one it sets for serving.
+not set for them: the learner's rollout server would inherit it; at its defaults the learner gives
+its local server's engine every core while it waits on it (learner.serving.local_server_settings).
 
 Models: "tiny", the bundled Qwen2 (build_tiny_model, seed 0, no warm-up, ~0.6M parameters), and
 "25m", a seeded random Qwen2 of the same family and tokenizer (hidden 512, 8 layers of 8 heads of
@@ -46,6 +46,11 @@ requests (4 prompts x 8 x 32 tokens from the base, the same seeds; bench/direct_
 them in rotating order; the overhead is HTTP + JSON, from the client's time less the server's own,
 plus the server's RolloutService against AsyncLLM on one engine; the target is < 5%), and the
 hot-swap as the learner publishes (save the adapter, POST /v1/load_lora_adapter, check /v1/models serves it).
+
+A third table: the swap merged in place (bench/swap.py, the learner's local server's settings and
+engine threads) at 25M and at ~100M parameters: first load, then the median of the rest, the
+engine's share, and that share's floor here (every targeted weight merged from the base copy and
+packed again: two copies' memory traffic at this machine's measured copy rate).
 
 Everything goes under --work-dir (default runs/bench-compare): the models (reused by later runs),
 each run's output directory and log, and results.json with every figure.
@@ -470,6 +475,7 @@ def main() -> None:
     threads = torch.get_num_threads()  # torch's default here: grpo-learner's too, as it sets none
     steps = args.steps + 1  # the warm-up step first
     work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
 
     builders = {
         "tiny": lambda: build_tiny_model(work / "models/tiny", seed=0),
@@ -525,7 +531,61 @@ def main() -> None:
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print()
     print(serving_table(results["serving"], w, args.serving_repeats))
+
+    from swap import swap_figures  # bench/swap.py, which builds on this module's models
+
+    cores = len(os.sched_getaffinity(0))
+    print(
+        f"\n[bench-compare] swaps merged in place at 25M and ~100M ({cores} engine threads, bench/swap.py)", flush=True
+    )
+    shutil.rmtree(work / "swaps", ignore_errors=True)
+    swaps = [
+        swap_figures(n, work / "swaps", args.serving_repeats - 1, ("inplace",), cores, work / "models")
+        for n in ("25m", "100m")
+    ]
+    results["swaps"] = {label: {k: v for k, v in f["inplace"].items() if k != "samples"} for label, f in swaps}
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    print()
+    copy_gbps = copy_bandwidth_gbps(cores)
+    results["copy_gbps"] = copy_gbps
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    print(swap_table(results["swaps"], copy_gbps))
     print(f"\n{threads} torch threads each; every figure in {work / 'results.json'}")
+
+
+def copy_bandwidth_gbps(threads: int, megabytes: int = 256, repeats: int = 5) -> float:
+    """This machine's float32 copy rate with `threads` torch threads, GB copied per second (each
+    byte read once and written once), the best of `repeats`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        src = torch.ones(megabytes * 2**20 // 4)
+        dst = torch.empty_like(src)
+        dst.copy_(src)  # warm-up: the pages are touched
+        best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(before)
+    return src.numel() * 4 / best / 1e9
+
+
+def swap_table(swaps: dict[str, dict], copy_gbps: float) -> str:
+    """The in-place swap of each model (POST /v1/load_lora_adapter, as the learner's publish sends
+    it), and the floor of the engine's part: every targeted weight is merged from the base copy
+    (one copy's traffic) and packed again for oneDNN (another), at this machine's copy rate."""
+    lines = [
+        "| model | first load | median (min-max) of the rest | engine's merge and repack (median) | its floor "
+        "| target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, f in swaps.items():
+        floor = 2 * f["targeted_params"] * 4 / (copy_gbps * 1e9)
+        target = "under 0.1 s: " + ("met" if f["median"] < 0.1 else "not met")
+        lines.append(
+            f"| {label} | {f['first']:.3f} s | {f['median']:.3f} s ({f['min']:.3f}-{f['max']:.3f}) "
+            f"| {f['engine_median']:.3f} s | {floor:.3f} s ({f['targeted_params'] / 1e6:.1f}M weights twice "
+            f"at {copy_gbps:.1f} GB/s) | {target} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

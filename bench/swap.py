@@ -17,6 +17,7 @@ base, so none is expected). Prints a table; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import statistics
@@ -27,6 +28,7 @@ from pathlib import Path
 import httpx
 from compare_trl import build_qwen2, build_qwen2_25m, parameter_count  # bench/, this script's directory
 from merged_serving import SERVER_ARGS, random_adapter
+from safetensors import safe_open
 
 from learner.local_server import descendants, local_rollout_server
 
@@ -73,9 +75,9 @@ def samples(url: str) -> list[tuple[list[int], list[float]]]:
     return out
 
 
-def measure(model: Path, adapters: Path, work: Path, swap: str, repeats: int) -> dict:
+def measure(model: Path, adapters: Path, work: Path, swap: str, repeats: int, cpu_threads: int) -> dict:
     log = work / f"{swap}.log"
-    args = [*SERVER_ARGS, "--adapter-serving", "merged", "--merged-swap", swap]
+    args = [*SERVER_ARGS, "--adapter-serving", "merged", "--merged-swap", swap, "--cpu-threads", str(cpu_threads)]
     with local_rollout_server(str(model), adapters, log_path=log, extra_args=args, env={"ROLLOUT_API_KEY": ""}) as url:
         rss_before = tree_rss_bytes()
         first = load_s(url, "v1")
@@ -98,6 +100,27 @@ def measure(model: Path, adapters: Path, work: Path, swap: str, repeats: int) ->
     }
 
 
+def swap_figures(
+    name: str, work: Path, repeats: int, swaps: tuple[str, ...], cpu_threads: int, models: Path | None = None
+) -> tuple[str, dict[str, dict]]:
+    """The model `name` (25m or 100m, built once under `models`, default `work`) with two random
+    adapters, each swap of `swaps` measured on a server of its own: ("name (parameters, checkpoint
+    size)", {swap: measure's figures})."""
+    builders = {"25m": build_qwen2_25m, "100m": build_qwen2_100m}
+    model = builders[name]((models or work) / f"qwen2-{name}")
+    adapters = work / name / "adapters"
+    for seed, version in ((1, "v1"), (2, "v2")):
+        if not (adapters / version).is_dir():
+            random_adapter(model, adapters / version, seed)
+    figures = {swap: measure(model, adapters, work / name, swap, repeats, cpu_threads) for swap in swaps}
+    with safe_open(model / "model.safetensors", "pt") as f:
+        targeted = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.endswith("_proj.weight"))  # noqa: SIM118
+    for f in figures.values():
+        f["targeted_params"] = targeted
+    megabytes = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e6
+    return f"{name} ({parameter_count(model) / 1e6:.1f}M, {megabytes:.0f} MB)", figures
+
+
 def drift(a: list[tuple[list[int], list[float]]], b: list[tuple[list[int], list[float]]]) -> str:
     """Largest |delta logprob| between two servers' samples, or where their tokens part."""
     if [ids for ids, _ in a] != [ids for ids, _ in b]:
@@ -109,21 +132,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=9, help="timed swaps after the first (default 9)")
     parser.add_argument("--models", nargs="+", choices=["25m", "100m"], default=["25m", "100m"])
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="the engine's threads (default: every core, as the learner's local server has them)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grpo-bench-swap-"))
-    builders = {"25m": build_qwen2_25m, "100m": build_qwen2_100m}
     rows = []
     for name in args.models:
-        model = builders[name](work / f"qwen2-{name}")
-        adapters = work / name / "adapters"
-        for seed, version in ((1, "v1"), (2, "v2")):
-            random_adapter(model, adapters / version, seed)
-        figures = {swap: measure(model, adapters, work / name, swap, args.repeats) for swap in ("inplace", "rewrite")}
-        megabytes = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e6
-        label = f"{name} ({parameter_count(model) / 1e6:.1f}M, {megabytes:.0f} MB)"
+        label, figures = swap_figures(name, work, args.repeats, ("inplace", "rewrite"), args.cpu_threads)
         rows.append((label, figures))
         print(name, {swap: {k: v for k, v in f.items() if k != "samples"} for swap, f in figures.items()}, flush=True)
-    print(f"\nswap = POST /v1/load_lora_adapter, r=8 all-linear adapters, float32; work dir {work}")
+    print(
+        f"\nswap = POST /v1/load_lora_adapter, r=8 all-linear adapters, float32, {args.cpu_threads} engine "
+        f"threads; work dir {work}"
+    )
     print(
         "| model | swap | first load | median (min-max) of the rest | engine's share (first / median) "
         "| memory growth | drift vs rewrite |"
