@@ -203,7 +203,8 @@ def train(cfg: LearnerConfig) -> Path | None:
             # A 4-bit learner has the server sample from its own (dequantized) weights: see served_base.
             served = served_base(policy, model_dir, cfg, cfg.output_dir / "served-base")
             log.info("starting a local rollout server for %s (log: %s)", served, server_log)
-            settings = server_flags(local_server_settings(cfg, model_dir))
+            base_params = sum(p.numel() for p in policy.parameters() if not p.requires_grad)  # not the LoRA
+            settings = server_flags(local_server_settings(cfg, model_dir, base_params))
             urls = [
                 stack.enter_context(
                     local_rollout_server(

@@ -55,15 +55,21 @@ def server_settings(cfg: LearnerConfig, model_dir: str) -> dict[str, Any]:
     }
 
 
-def local_server_settings(cfg: LearnerConfig, model_dir: str) -> dict[str, Any]:
+ENGINE_THREADS_MIN_PARAMS = 10_000_000
+"""From this many base parameters on, the learner's local server's engine gets every core (below,
+a decode step is too little work to split: the fixed cost of each parallel region dominates)."""
+
+
+def local_server_settings(cfg: LearnerConfig, model_dir: str, base_params: int) -> dict[str, Any]:
     """`server_settings` for the learner's local server, which shares the learner's machine. On
     CPU without `overlap` the learner waits while the server samples and the server idles while
-    the learner trains, so the engine gets every core (`cpu_threads`; the server's own default
-    keeps one for its API process): measured on 2 cores, the 25M bench model's 4 x 8 x 256-token
-    rollouts took 8.1 s with 2 threads instead of 10.5 s with 1, the learner's step 21.4 s instead
-    of 25.2 (bench/compare_trl.py). With `overlap` both run at once and the default stays."""
+    the learner trains, so the engine of a model of `base_params` >= ENGINE_THREADS_MIN_PARAMS
+    gets every core (`cpu_threads`; the server's own default keeps one for its API process).
+    Measured on 2 cores: the 25M bench model's 4 x 8 x 256-token rollouts took 6.4 s with 2
+    threads instead of 10.5 s with 1 (bench/compare_trl.py); the 0.59M tiny model's 0.57 s
+    instead of 0.44 s. With `overlap` both run at once and the default stays."""
     settings = server_settings(cfg, model_dir)
-    if not torch.cuda.is_available() and not cfg.overlap:
+    if not torch.cuda.is_available() and not cfg.overlap and base_params >= ENGINE_THREADS_MIN_PARAMS:
         settings.setdefault("cpu_threads", len(os.sched_getaffinity(0)))
     return settings
 

@@ -65,8 +65,8 @@ class ServerConfig(_Strict):
     """Create the engine with vLLM sleep mode (CUDA only; on CPU the state machine still runs)."""
     cpu_threads: int | None = Field(None, gt=0)
     """On CPU, the engine's OpenMP threads; None: the OMP_NUM_THREADS of the environment, else the
-    cores - 1 (the API process keeps one). The learner's local server gets every core unless it
-    overlaps (learner.serving.local_server_settings). Measured here (bench/threads.py, 2 cores, 25M Qwen2,
+    cores - 1 (the API process keeps one). The learner's local server gets every core for a model
+    of 10M parameters or more, unless it overlaps (learner.serving.local_server_settings). Measured here (bench/threads.py, 2 cores, 25M Qwen2,
     4 x 8 completions, the learner idle meanwhile): 256 tokens 8.71 s with 1 thread, 5.97 s with 2,
     7.00 s with 2 and OMP_WAIT_POLICY=PASSIVE; 32 tokens 0.99 / 0.78 / 0.96 s. All cores pay when the
     learner waits on the rollout; while other work runs on the cores (--overlap, other processes)

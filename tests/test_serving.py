@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from learner.cli import main as learner_main
-from learner.serving import SERVER_ARGS_FILE, local_server_settings, server_settings, workload_model_len
+from learner.serving import (
+    ENGINE_THREADS_MIN_PARAMS,
+    SERVER_ARGS_FILE,
+    local_server_settings,
+    server_settings,
+    workload_model_len,
+)
 from rollout_server.cli import parse_config as server_config
 from shared.config import LearnerConfig, SamplingConfig
 
@@ -73,14 +79,13 @@ def test_the_local_servers_start_up_time_is_a_setting(tiny_model_dir: Path, tmp_
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the engine's CPU threads")
 def test_the_local_server_gets_every_core_while_the_learner_waits_on_it(tiny_model_dir: Path) -> None:
-    """On CPU without overlap the learner and its local server take turns: the engine gets every
-    core. With overlap they run at once, and a prepared server (another machine, perhaps) or an
-    explicit setting keeps its own."""
-    cores = len(os.sched_getaffinity(0))
-    model = str(tiny_model_dir)
-    assert local_server_settings(LearnerConfig(model=model), model)["cpu_threads"] == cores
-    assert "cpu_threads" not in local_server_settings(
-        LearnerConfig(model=model, overlap=True, sleep_server=False), model
-    )
+    """On CPU without overlap the learner and its local server take turns: the engine of a model
+    worth splitting gets every core. A tiny model, overlap (both run at once), a prepared server
+    (another machine, perhaps) or an explicit setting keep their own."""
+    cores, big, model = len(os.sched_getaffinity(0)), ENGINE_THREADS_MIN_PARAMS, str(tiny_model_dir)
+    assert local_server_settings(LearnerConfig(model=model), model, big)["cpu_threads"] == cores
+    assert "cpu_threads" not in local_server_settings(LearnerConfig(model=model), model, big - 1)
+    overlap = LearnerConfig(model=model, overlap=True, sleep_server=False)
+    assert "cpu_threads" not in local_server_settings(overlap, model, big)
     assert "cpu_threads" not in server_settings(LearnerConfig(model=model), model)
-    assert local_server_settings(LearnerConfig(model=model, server={"cpu_threads": 1}), model)["cpu_threads"] == 1
+    assert local_server_settings(LearnerConfig(model=model, server={"cpu_threads": 1}), model, big)["cpu_threads"] == 1
