@@ -36,7 +36,15 @@ import yaml
 from peft import PeftModel
 
 from learner.distributed import Distributed
-from learner.model import ADAPTER_WEIGHTS, load_adapter_weights, save_adapter, save_next_version, version_dir, versions
+from learner.model import (
+    ADAPTER_WEIGHTS,
+    load_adapter_weights,
+    save_adapter,
+    save_next_version,
+    version_dir,
+    version_number,
+    versions,
+)
 from learner.prompts import PromptSampler
 from learner.reference import POLICY
 from learner.run_log import drop_samples_after, drop_steps_after
@@ -48,7 +56,6 @@ log = logging.getLogger("learner")
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"step-(\d+)")
-_VERSION = re.compile(r"v(\d+)")
 _TEMP = re.compile(r"\.(step-\d+|v\d+|removing)-")  # save_adapter's, save's and remove_tree's temp dirs
 
 
@@ -150,8 +157,8 @@ def served_versions(output_dir: Path) -> set[int]:
     for path in _complete(output_dir / "checkpoints"):
         saved = json.loads((path / STATE_FILE).read_text())
         for key in ("adapter", "overlap_sampled_adapter"):
-            if saved.get(key) and (match := _VERSION.fullmatch(saved[key])):
-                versions.add(int(match.group(1)))
+            if saved.get(key) and (number := version_number(saved[key])) is not None:
+                versions.add(number)
     return versions
 
 

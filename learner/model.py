@@ -243,8 +243,14 @@ def versions(adapter_root: Path) -> dict[int, Path]:
     """The adapter version directories `v{N:06d}` under `adapter_root`, by N."""
     if not adapter_root.is_dir():
         return {}
-    found = ((_VERSION_NAME.fullmatch(p.name), p) for p in adapter_root.iterdir())
-    return {int(m.group(1)): p for m, p in found if m and p.is_dir()}
+    found = ((version_number(p.name), p) for p in adapter_root.iterdir())
+    return {n: p for n, p in found if n is not None and p.is_dir()}
+
+
+def version_number(name: str) -> int | None:
+    """N of an adapter version's directory name `v{N:06d}`; None for any other name."""
+    match = _VERSION_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 _VERSION_NAME = re.compile(r"v(\d+)")
