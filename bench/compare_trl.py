@@ -180,9 +180,11 @@ def build_qwen2(out: Path, *, hidden: int, intermediate: int, layers: int, heads
     return out
 
 
-def parameter_count(model_dir: Path) -> int:
+def parameter_count(model_dir: Path, names_ending: str = "") -> int:
+    """Parameters in the model's checkpoint, of the tensors whose names end with `names_ending`."""
     with safe_open(model_dir / "model.safetensors", "pt") as f:
-        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+        names = [name for name in f.keys() if name.endswith(names_ending)]  # noqa: SIM118 - safe_open has no __iter__
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in names)
 
 
 # --- running a system -----------------------------------------------------------------------------

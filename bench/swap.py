@@ -17,7 +17,6 @@ base, so none is expected). Prints a table; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import statistics
@@ -28,7 +27,6 @@ from pathlib import Path
 import httpx
 from compare_trl import build_qwen2, build_qwen2_25m, parameter_count  # bench/, this script's directory
 from merged_serving import SERVER_ARGS, random_adapter
-from safetensors import safe_open
 
 from learner.local_server import descendants, local_rollout_server
 
@@ -113,8 +111,8 @@ def swap_figures(
         if not (adapters / version).is_dir():
             random_adapter(model, adapters / version, seed)
     figures = {swap: measure(model, adapters, work / name, swap, repeats, cpu_threads) for swap in swaps}
-    with safe_open(model / "model.safetensors", "pt") as f:
-        targeted = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.endswith("_proj.weight"))  # noqa: SIM118
+    # The weights an adapter of every projection merges into.
+    targeted = parameter_count(model, names_ending="_proj.weight")
     for f in figures.values():
         f["targeted_params"] = targeted
     megabytes = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e6
