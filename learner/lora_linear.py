@@ -55,6 +55,8 @@ class _LoraLinear(torch.autograd.Function):
         need_x, _, _, need_a, need_b, _ = ctx.needs_input_grad
         grad_x = grad_a = grad_b = None
         if need_x or need_a:
+            # Concatenated again rather than kept from forward: a copy of every base weight alive
+            # until backward would cost the memory of the model once more.
             grad_M_IR = grad_M_O @ torch.cat([weight_O_I, b_O_R * scaling], dim=1)
             grad_xa_M_R = grad_M_IR[:, in_features:]
             if need_x:

@@ -66,11 +66,12 @@ class ServerConfig(_Strict):
     cpu_threads: int | None = Field(None, gt=0)
     """On CPU, the engine's OpenMP threads; None: the OMP_NUM_THREADS of the environment, else the
     cores - 1 (the API process keeps one). The learner's local server gets every core for a model
-    of 10M parameters or more, unless it overlaps (learner.serving.local_server_settings). Measured here (bench/threads.py, 2 cores, 25M Qwen2,
-    4 x 8 completions, the learner idle meanwhile): 256 tokens 8.71 s with 1 thread, 5.97 s with 2,
-    7.00 s with 2 and OMP_WAIT_POLICY=PASSIVE; 32 tokens 0.99 / 0.78 / 0.96 s. All cores pay when the
-    learner waits on the rollout; while other work runs on the cores (--overlap, other processes)
-    spinning threads collapse (31.6 s at 256 tokens, under load), where PASSIVE holds (12.6 s)."""
+    of 10M parameters or more, unless it overlaps (learner.serving.local_server_settings).
+    Measured here (bench/threads.py, 2 cores, 25M Qwen2, 4 x 8 completions, the learner idle
+    meanwhile): 256 tokens 8.71 s with 1 thread, 5.97 s with 2, 7.00 s with 2 and
+    OMP_WAIT_POLICY=PASSIVE; 32 tokens 0.99 / 0.78 / 0.96 s. All cores pay when the learner waits
+    on the rollout; while other work runs on the cores (--overlap, other processes) spinning
+    threads collapse (31.6 s at 256 tokens, under load), where PASSIVE holds (12.6 s)."""
     engine_idle_spin_s: float = Field(0.05, gt=0)
     """How long vLLM's engine processes spin on their message queues after their last message
     before blocking (vLLM's own is 1 s: a full core taken from a learner on the same machine after
